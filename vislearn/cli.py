@@ -1,0 +1,149 @@
+"""The `vislearn` command line (click).
+
+Every user mistake (a bad recipe key, a missing dataset, a corrupt image, a
+run dir of another recipe, ...) ends as one `error:` line and exit code 2.
+TensorFlow is imported lazily so `vislearn --help` and recipe errors are fast.
+"""
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def user_errors(fn):
+    """Turn ConfigError/ValueError/FileNotFoundError from vislearn into one line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from vislearn.config import ConfigError
+
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as error:
+            raise UserError(str(error).splitlines()[0]) from None
+        except FileNotFoundError as error:
+            raise UserError(f"{error.filename or ''}: {error.strerror or error}") from None
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debugging detail.")
+def main(verbose):
+    """vislearn: landmark methods of visual learning as Keras models."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command("recipes")
+@user_errors
+def recipes_command():
+    """List bundled recipes with a one-line description."""
+    from vislearn.recipes import bundled_recipes, read_yaml
+
+    for name, path in bundled_recipes().items():
+        click.echo(f"{name:28s} {read_yaml(path).get('description', '')}")
+
+
+@main.command("fit")
+@click.argument("recipe")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Run dir (default runs/<recipe>); "
+              "an interrupted run there is resumed.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@click.option("--strategy", help="auto|default|one_device|mirrored|multi_worker|tpu (default: the recipe's).")
+@user_errors
+def fit_command(recipe, run_dir, overrides, strategy):
+    """Train RECIPE (a path or a bundled recipe name)."""
+    from vislearn import recipes
+    from vislearn.config import pick
+    from vislearn.distribute import STRATEGIES
+
+    config, source = recipes.load_recipe(recipe, overrides)
+    if strategy is not None:
+        pick(dict.fromkeys(STRATEGIES), strategy, "--strategy")
+    metrics = recipes.fit(config, source, run_dir, strategy)
+    click.echo(json.dumps(metrics, indent=2))
+
+
+@main.command("evaluate")
+@click.argument("run_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def evaluate_command(run_dir, as_json):
+    """Metrics of a trained run (same keys as metrics.json)."""
+    from vislearn import recipes
+
+    metrics = recipes.evaluate(run_dir)
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            click.echo(f"{key:20s} {value:.4f}" if isinstance(value, float) else f"{key:20s} {value}")
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "base", required=True, type=click.Path(file_okay=False), help="Export base dir.")
+@click.option("--name", help="Model name (default: the recipe's export.name).")
+@click.option("--version", type=int, help="Version number (default: next free).")
+@user_errors
+def export_command(run_dir, base, name, version):
+    """Write RUN_DIR's model as a SavedModel in TF Serving layout BASE/NAME/VERSION."""
+    from vislearn import recipes
+
+    path = recipes.export(run_dir, base, name, version)
+    click.echo(str(path))
+
+
+@main.command("predict")
+@click.argument("export_dir", type=click.Path())
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", type=click.Path(file_okay=False), help="Write annotated PNGs here.")
+@user_errors
+def predict_command(export_dir, images, out):
+    """Run an exported model on IMAGE files; print results, optionally draw them."""
+    from vislearn.predict import predict
+
+    for line in predict(export_dir, images, out):
+        click.echo(line)
+
+
+@main.group("data")
+def data_group():
+    """Datasets made from real pixels that installed packages ship."""
+
+
+@data_group.command("make")
+@click.argument("name")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, type=int)
+@user_errors
+def data_make_command(name, out, seed):
+    """Write dataset NAME to OUT in its standard on-disk format."""
+    from vislearn.config import ConfigError, pick
+    from vislearn.data.make import MAKERS
+
+    maker = pick(MAKERS, name, "NAME")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: not empty; choose an empty or new folder")
+    maker(out, seed=seed)
+    click.echo(str(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

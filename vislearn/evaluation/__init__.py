@@ -1,0 +1,1 @@
+"""Evaluation: classification/domain metrics, plots (more protocols per method family)."""

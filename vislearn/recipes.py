@@ -1,0 +1,405 @@
+"""YAML recipe -> validated config -> objects -> fit, evaluate, export.
+
+A recipe is data. Its sections are validated strictly against the signatures
+of the things they configure (`model:` keys are exactly the model's
+constructor arguments), so a typo is a one-line `ConfigError` naming the file
+and the dotted key, never a traceback deep in TensorFlow.
+
+The explicit name -> class mappings live beside what they name: `METHODS`
+here, `DATASETS` in vislearn.data, `BACKBONES` in vislearn.backbones,
+`OPTIMIZERS`/`SCHEDULES` in vislearn.optimizers.
+"""
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from vislearn.config import ConfigError, check_arguments, pick, suggestion
+
+log = logging.getLogger("vislearn")
+
+BUNDLED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+SECTIONS = ("description", "model", "data", "optimizer", "train", "distribute", "export")
+REQUIRED_SECTIONS = ("model", "data", "train")
+# Sections that may change between an interrupted run and its resumption.
+RESUMABLE_DIFFERENCES = ("description", "distribute", "export")
+
+
+def train_section(epochs, seed, steps_per_epoch=None, validation_steps=None, monitor=None, verbose=None):
+    """`train:` keys. `monitor` picks the best checkpoint (default: the method's)."""
+
+
+def distribute_section(strategy="auto"):
+    """`distribute:` keys."""
+
+
+def export_section(name="model"):
+    """`export:` keys shared by every method."""
+
+
+# ---------------------------------------------------------------- methods
+
+
+def _dann_model_args(model_args, data, total_steps):
+    filled = dict(model_args)
+    filled.setdefault("num_classes", data.num_classes)
+    filled.setdefault("image_shape", list(data.image_shape))
+    filled.setdefault("total_steps", total_steps)
+    if filled["num_classes"] != data.num_classes:
+        raise ConfigError(f"model.num_classes: {filled['num_classes']} does not match the data's "
+                          f"{data.num_classes} classes")
+    if list(filled["image_shape"]) != list(data.image_shape):
+        raise ConfigError(f"model.image_shape: {filled['image_shape']} does not match the data's "
+                          f"{list(data.image_shape)} (set data.image_size instead)")
+    return filled
+
+
+def _dann_metrics(model, data):
+    from vislearn.evaluation.classification import domain_adaptation_metrics
+
+    return domain_adaptation_metrics(model, data)
+
+
+def _dann_export(model, path, data, options):
+    from vislearn.export import export_classifier
+
+    return export_classifier(model, path, data.image_shape, data.class_names)
+
+
+@dataclasses.dataclass
+class Method:
+    """How a recipe runs one method: its model class, which data builders
+    feed it, and how it is completed, evaluated and exported."""
+
+    model_class: Callable
+    datasets: tuple
+    model_args: Callable        # (model section, data, total_steps) -> constructor kwargs
+    data_args: Callable         # model section -> extra data-builder kwargs
+    validation: Callable        # data -> validation dataset for fit
+    metrics: Callable           # (model, data) -> metrics.json dict
+    export: Callable            # (model, path, data, export section) -> path
+    monitor: str = "val_accuracy"
+
+
+def _methods():
+    from vislearn.models.dann import DANN
+
+    return {
+        "dann": Method(
+            model_class=DANN,
+            datasets=("digits_m", "domain_folders", "domain_tfds"),
+            model_args=_dann_model_args,
+            data_args=lambda model: {"target_as_source": model.get("mode") == "train_on_target"},
+            validation=lambda data: data.target_test,
+            metrics=_dann_metrics,
+            export=_dann_export,
+        ),
+    }
+
+
+# ---------------------------------------------------------------- loading
+
+
+def bundled_recipes():
+    """Name -> path of the recipes shipped in `recipes/`."""
+    return {p.stem: p for p in sorted(BUNDLED_RECIPES.glob("*.yaml"))}
+
+
+def resolve_recipe(name_or_path):
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = bundled_recipes()
+    if str(name_or_path) in bundled:
+        return bundled[str(name_or_path)]
+    raise ConfigError(f"RECIPE: {name_or_path!r} is neither a file nor a bundled recipe"
+                      f"{suggestion(name_or_path, bundled)}; bundled: {sorted(bundled)}")
+
+
+def read_yaml(path):
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections {list(SECTIONS)}, received {type(recipe).__name__}")
+    return recipe
+
+
+def apply_override(recipe, assignment, source="--set"):
+    """Apply `a.b=c` to a recipe in place; `c` is parsed as YAML (1 -> int,
+    0.5 -> float, [1, 2] -> list, null -> None, true -> bool)."""
+    if "=" not in assignment:
+        raise ConfigError(f"{source} {assignment!r}: expected KEY=VALUE, e.g. train.epochs=1")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if parts[0] not in SECTIONS:
+        raise ConfigError(f"{source} {key}: unknown section {parts[0]!r}{suggestion(parts[0], SECTIONS)}; "
+                          f"expected one of {list(SECTIONS)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = recipe
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def load_recipe(name_or_path, overrides=()):
+    """Read, override and validate a recipe. Returns (recipe, source path)."""
+    path = resolve_recipe(name_or_path)
+    recipe = read_yaml(path)
+    for assignment in overrides:
+        apply_override(recipe, assignment)
+    validate(recipe, str(path))
+    return recipe, str(path)
+
+
+def validate(recipe, source):
+    """Check every section's keys and types; raise ConfigError naming the key."""
+    for section in recipe:
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: {section}: unknown section{suggestion(section, SECTIONS)}; "
+                              f"expected one of {list(SECTIONS)}")
+    for section in REQUIRED_SECTIONS:
+        if not isinstance(recipe.get(section), dict):
+            raise ConfigError(f"{source}: {section}: missing section (a mapping is required)")
+    for section in ("optimizer", "distribute", "export"):
+        if recipe.get(section) is not None and not isinstance(recipe[section], dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping, received {recipe[section]!r}")
+
+    from vislearn.data import DATASETS
+    from vislearn.distribute import STRATEGIES
+    from vislearn.optimizers import OPTIMIZERS, SCHEDULES
+
+    model = dict(recipe["model"])
+    method_name = model.pop("name", None)
+    method = pick(_methods(), method_name, f"{source}: model.name")
+    check_arguments(method.model_class.__init__, model, f"{source}: model")
+
+    data = dict(recipe["data"])
+    data_name = data.pop("name", None)
+    builder = pick(DATASETS, data_name, f"{source}: data.name")
+    if data_name not in method.datasets:
+        raise ConfigError(f"{source}: data.name: {data_name!r} cannot feed method {method_name!r}; "
+                          f"expected one of {list(method.datasets)}")
+    check_arguments(builder, data, f"{source}: data", skip=("seed", "target_as_source"))
+
+    optimizer = dict(recipe.get("optimizer") or {})
+    optimizer_class = pick(OPTIMIZERS, optimizer.pop("name", "adam"), f"{source}: optimizer.name")
+    schedule = optimizer.pop("schedule", None)
+    check_arguments(optimizer_class.__init__, optimizer, f"{source}: optimizer")
+    if schedule is not None:
+        if not isinstance(schedule, dict):
+            raise ConfigError(f"{source}: optimizer.schedule: expected a mapping, received {schedule!r}")
+        schedule = dict(schedule)
+        schedule_class = pick(SCHEDULES, schedule.pop("name", "constant"), f"{source}: optimizer.schedule.name")
+        init = getattr(schedule_class, "__init__", schedule_class)
+        check_arguments(init if isinstance(schedule_class, type) else schedule_class, schedule,
+                        f"{source}: optimizer.schedule", provided=("initial_learning_rate",))
+
+    train = recipe["train"]
+    check_arguments(train_section, train, f"{source}: train")
+    for key in ("epochs", "seed"):
+        if not isinstance(train.get(key), int) or isinstance(train.get(key), bool):
+            raise ConfigError(f"{source}: train.{key}: expected an integer, received {train.get(key)!r}")
+    if train["epochs"] < 1:
+        raise ConfigError(f"{source}: train.epochs: expected at least 1, received {train['epochs']}")
+
+    distribute = recipe.get("distribute") or {}
+    check_arguments(distribute_section, distribute, f"{source}: distribute")
+    if distribute.get("strategy", "auto") not in STRATEGIES:
+        pick({s: s for s in STRATEGIES}, distribute.get("strategy"), f"{source}: distribute.strategy")
+    check_arguments(export_section, recipe.get("export") or {}, f"{source}: export")
+
+
+# ---------------------------------------------------------------- building
+
+
+def method_of(recipe):
+    return _methods()[recipe["model"]["name"]]
+
+
+def build_data(recipe):
+    from vislearn.data import DATASETS
+
+    method = method_of(recipe)
+    data_args = dict(recipe["data"])
+    builder = DATASETS[data_args.pop("name")]
+    data_args.update(method.data_args(recipe["model"]))
+    data_args["seed"] = recipe["train"]["seed"]
+    return builder(**data_args)
+
+
+def complete_model_section(recipe, data):
+    """The model section with what vislearn derives from the data filled in."""
+    steps = recipe["train"].get("steps_per_epoch") or data.steps_per_epoch
+    model_args = dict(recipe["model"])
+    name = model_args.pop("name")
+    model_args = method_of(recipe).model_args(model_args, data, recipe["train"]["epochs"] * steps)
+    return {"name": name, **model_args}, steps
+
+
+def build_model(recipe, model_section):
+    model_args = dict(model_section)
+    model_args.pop("name")
+    model = method_of(recipe).model_class(**model_args)
+    model.build((None, *model.image_shape))
+    return model
+
+
+def load_trained(run_dir):
+    """Rebuild a run's model from its recipe and load its best (else last) weights.
+
+    Returns (recipe, model, data)."""
+    import keras
+
+    run_dir = Path(run_dir)
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.exists():
+        raise ConfigError(f"{run_dir}: not a run dir (no recipe.yaml)")
+    recipe = read_yaml(recipe_file)
+    validate(recipe, str(recipe_file))
+    checkpoint = next((p for p in (run_dir / "checkpoints" / "best.weights.h5",
+                                   run_dir / "checkpoints" / "last.weights.h5") if p.exists()), None)
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir}: no checkpoint (checkpoints/best.weights.h5 or last.weights.h5); "
+                          "has the run finished an epoch?")
+    keras.utils.set_random_seed(recipe["train"]["seed"])
+    data = build_data(recipe)
+    model = build_model(recipe, recipe["model"])
+    model.load_weights(str(checkpoint))
+    return recipe, model, data
+
+
+# ---------------------------------------------------------------- running
+
+
+def _comparable(recipe):
+    return {k: v for k, v in recipe.items() if k not in RESUMABLE_DIFFERENCES}
+
+
+def _first_difference(old, new, prefix=""):
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: {a!r} -> {b!r}"
+    return None
+
+
+def check_run_dir(run_dir, resolved):
+    """Refuse a run dir that holds another recipe's run or a finished run."""
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.exists():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"{run_dir}: not empty and not a vislearn run dir (no recipe.yaml); "
+                              "choose another --run-dir")
+        return "new"
+    previous = yaml.safe_load(recipe_file.read_text()) or {}
+    difference = _first_difference(_comparable(previous), _comparable(resolved))
+    if difference:
+        raise ConfigError(f"{recipe_file}: the run dir holds a run of another recipe ({difference}); "
+                          "choose another --run-dir")
+    if (run_dir / "metrics.json").exists() and not (run_dir / "backup").exists():
+        raise ConfigError(f"{run_dir}: holds a finished run (metrics.json); use `vislearn evaluate` "
+                          "or choose another --run-dir")
+    return "resume"
+
+
+def default_run_dir(recipe_source):
+    return Path("runs") / Path(recipe_source).stem
+
+
+def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None):
+    """Train a validated recipe in `run_dir`, resuming an interrupted run there.
+
+    Returns the metrics dict written to `metrics.json`.
+    """
+    import keras
+
+    from vislearn.distribute import is_chief, make_strategy
+    from vislearn.evaluation.plots import plot_history
+    from vislearn.optimizers import build_optimizer
+
+    run_dir = Path(run_dir or default_run_dir(source))
+    train = recipe["train"]
+    strategy = make_strategy(strategy_name or (recipe.get("distribute") or {}).get("strategy", "auto"))
+    keras.utils.set_random_seed(train["seed"])
+    method = method_of(recipe)
+    data = build_data(recipe)
+    model_section, steps = complete_model_section(recipe, data)
+    resolved = copy.deepcopy(recipe)
+    resolved["model"] = model_section
+    state = check_run_dir(run_dir, resolved)
+
+    chief = is_chief()
+    # Non-chief workers of a multi-worker run write to their own scratch dir.
+    write_dir = run_dir if chief else run_dir / "workers" / f"task{os.getpid()}"
+    write_dir.mkdir(parents=True, exist_ok=True)
+    if chief and state == "new":
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    log.info("%s run in %s (%s)", "resuming" if state == "resume" else "starting", run_dir, strategy.__class__.__name__)
+
+    total_steps = train["epochs"] * steps
+    with strategy.scope():
+        model = build_model(recipe, model_section)
+        model.compile(optimizer=build_optimizer(recipe.get("optimizer") or {"name": "adam"}, total_steps))
+
+    checkpoints = write_dir / "checkpoints"
+    checkpoints.mkdir(exist_ok=True)
+    monitor = train.get("monitor") or method.monitor
+    callbacks = [
+        # First, so the epoch is backed up before its history row is written.
+        keras.callbacks.BackupAndRestore(str(write_dir / "backup"), delete_checkpoint=True),
+        keras.callbacks.ModelCheckpoint(str(checkpoints / "last.weights.h5"), save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(str(checkpoints / "best.weights.h5"), save_weights_only=True,
+                                        monitor=monitor, save_best_only=True,
+                                        mode="min" if "loss" in monitor else "max"),
+        keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(write_dir / "logs")),
+    ]
+    if verbose is None:
+        verbose = train.get("verbose") or (1 if sys.stdout.isatty() else 2)
+    model.fit(data.train, epochs=train["epochs"], steps_per_epoch=steps,
+              validation_data=method.validation(data), validation_steps=train.get("validation_steps"),
+              callbacks=callbacks, verbose=verbose, shuffle=False)
+
+    metrics = method.metrics(model, data)
+    if chief:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_history(run_dir / "history.csv", run_dir / "plots" / "history.png",
+                     title=recipe.get("description", ""))
+    else:
+        shutil.rmtree(write_dir, ignore_errors=True)
+    return metrics
+
+
+def evaluate(run_dir):
+    recipe, model, data = load_trained(run_dir)
+    return method_of(recipe).metrics(model, data)
+
+
+def export(run_dir, base, name=None, version=None):
+    from vislearn.export import version_dir
+
+    recipe, model, data = load_trained(run_dir)
+    name = name or (recipe.get("export") or {}).get("name") or Path(run_dir).name
+    path = version_dir(base, name, version)
+    return method_of(recipe).export(model, path, data, recipe.get("export") or {})
