@@ -131,9 +131,12 @@ def data_group():
 @click.argument("name")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--format", "file_format", help="On-disk format, for sets that offer several (e.g. coco|voc|yolo).")
 @user_errors
-def data_make_command(name, out, seed):
+def data_make_command(name, out, seed, file_format):
     """Write dataset NAME to OUT in its standard on-disk format."""
+    import inspect
+
     from vislearn.config import ConfigError, pick
     from vislearn.data.make import MAKERS
 
@@ -141,8 +144,19 @@ def data_make_command(name, out, seed):
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: not empty; choose an empty or new folder")
-    maker(out, seed=seed)
+    options = {}
+    if file_format is not None:
+        if "file_format" not in inspect.signature(maker).parameters:
+            raise ConfigError(f"--format: dataset {name!r} has one format; drop --format")
+        options["file_format"] = file_format
+    maker(out, seed=seed, **options)
     click.echo(str(out))
+
+
+from vislearn.serving.commands import query_group, serve_command, serving_group  # noqa: E402
+main.add_command(serve_command, "serve")
+main.add_command(query_group, "query")
+main.add_command(serving_group, "serving")
 
 
 if __name__ == "__main__":

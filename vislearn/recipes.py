@@ -288,8 +288,11 @@ def load_trained(run_dir):
 # ---------------------------------------------------------------- running
 
 
-def _comparable(recipe):
-    return {k: v for k, v in recipe.items() if k not in RESUMABLE_DIFFERENCES}
+def _comparable(recipe, model_keys=None):
+    comparable = {k: v for k, v in recipe.items() if k not in RESUMABLE_DIFFERENCES}
+    if model_keys is not None:  # ignore model values vislearn derived from the data
+        comparable["model"] = {k: v for k, v in comparable.get("model", {}).items() if k in model_keys}
+    return comparable
 
 
 def _first_difference(old, new, prefix=""):
@@ -304,8 +307,10 @@ def _first_difference(old, new, prefix=""):
     return None
 
 
-def check_run_dir(run_dir, resolved):
-    """Refuse a run dir that holds another recipe's run or a finished run."""
+def check_run_dir(run_dir, recipe):
+    """Refuse a run dir that holds another recipe's run or a finished run.
+
+    Runs before any data is read, so a refusal is immediate."""
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.exists():
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -313,7 +318,7 @@ def check_run_dir(run_dir, resolved):
                               "choose another --run-dir")
         return "new"
     previous = yaml.safe_load(recipe_file.read_text()) or {}
-    difference = _first_difference(_comparable(previous), _comparable(resolved))
+    difference = _first_difference(_comparable(previous, recipe["model"]), _comparable(recipe))
     if difference:
         raise ConfigError(f"{recipe_file}: the run dir holds a run of another recipe ({difference}); "
                           "choose another --run-dir")
@@ -340,6 +345,8 @@ def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None):
 
     run_dir = Path(run_dir or default_run_dir(source))
     train = recipe["train"]
+    chief = is_chief()
+    state = check_run_dir(run_dir, recipe) if chief else "worker"
     strategy = make_strategy(strategy_name or (recipe.get("distribute") or {}).get("strategy", "auto"))
     keras.utils.set_random_seed(train["seed"])
     method = method_of(recipe)
@@ -347,15 +354,14 @@ def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None):
     model_section, steps = complete_model_section(recipe, data)
     resolved = copy.deepcopy(recipe)
     resolved["model"] = model_section
-    state = check_run_dir(run_dir, resolved)
 
-    chief = is_chief()
     # Non-chief workers of a multi-worker run write to their own scratch dir.
     write_dir = run_dir if chief else run_dir / "workers" / f"task{os.getpid()}"
     write_dir.mkdir(parents=True, exist_ok=True)
     if chief and state == "new":
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    log.info("%s run in %s (%s)", "resuming" if state == "resume" else "starting", run_dir, strategy.__class__.__name__)
+    log.info("%s run in %s (%s)", {"new": "starting", "resume": "resuming"}.get(state, "joining"),
+             run_dir, strategy.__class__.__name__)
 
     total_steps = train["epochs"] * steps
     with strategy.scope():

@@ -94,6 +94,9 @@ def make_digits_m(out, seed=0, test_fraction=0.3):
     return out
 
 
+from vislearn.data.shapes import make_shapes_on_photos  # noqa: E402 (shapes reads photo_collection lazily)
+
 MAKERS = {
     "digits_m": make_digits_m,
+    "shapes_on_photos": make_shapes_on_photos,
 }

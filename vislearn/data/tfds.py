@@ -18,18 +18,19 @@ def load_tfds(name, split, data_dir, image_size, image_key="image", label_key="l
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        if not builder.is_prepared():
-            raise FileNotFoundError(f"no prepared files for {builder.info.full_name}")
         dataset = builder.as_dataset(split=split, shuffle_files=False)
         info = builder.info
-    except (FileNotFoundError, AssertionError, tfds.core.registered.DatasetNotFoundError) as error:
+    except (FileNotFoundError, AssertionError, ValueError) as error:  # TFDS's "not prepared" errors
         raise ConfigError(
             f"data.data_dir: TFDS dataset {name!r} split {split!r} is not prepared in {data_dir!r} "
             f"(vislearn does not download; run tfds build there first): {str(error).splitlines()[0] if str(error) else ''}"
         ) from None
     label_feature = info.features[label_key] if label_key in info.features else None
     class_names = list(label_feature.names) if hasattr(label_feature, "names") else None
-    count = info.splits[split].num_examples
+    try:
+        count = info.splits[split].num_examples
+    except KeyError:  # split metadata absent (e.g. generated without info): count once
+        count = int(dataset.reduce(0, lambda n, _: n + 1))
     size = list(image_size)
 
     def convert(example):

@@ -1,0 +1,22 @@
+"""Shared fixtures: small real data made once per session, and CLI runners."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def data_home(tmp_path_factory):
+    """A private VISLEARN_DATA so tests never touch the user's cache."""
+    home = tmp_path_factory.mktemp("vislearn_data")
+    os.environ["VISLEARN_DATA"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def digits_m_root(data_home):
+    from vislearn.data.make import make_digits_m
+
+    return make_digits_m(data_home / "digits_m-0", seed=0)

@@ -1,0 +1,98 @@
+"""DANN: the step, plain model.fit, and fits under both distribution strategies."""
+
+import json
+import os
+import socket
+import subprocess
+
+import keras
+import numpy as np
+import pytest
+
+from helpers import VISLEARN, quick_fit_args, run_cli, two_step_fit
+from vislearn.data import digits_m
+from vislearn.models import DANN
+from vislearn.optimizers import DANNAnnealing
+
+
+def test_plain_model_fit_in_a_user_script(digits_m_root):
+    """The README's user-script example: ordinary Keras objects, ordinary fit."""
+    keras.utils.set_random_seed(0)
+    data = digits_m(root=digits_m_root, batch_size=32)
+    model = DANN(num_classes=data.num_classes, image_shape=data.image_shape, total_steps=4)
+    model.compile(optimizer=keras.optimizers.SGD(DANNAnnealing(0.01, decay_steps=4), momentum=0.9))
+    history = model.fit(data.train, steps_per_epoch=2, epochs=2, validation_data=data.target_test, verbose=0)
+    assert set(history.history) >= {"loss", "label_loss", "domain_loss", "accuracy", "domain_accuracy",
+                                    "lambda", "val_accuracy"}
+    assert all(np.isfinite(v).all() for v in history.history.values())
+    # lambda follows the schedule: after steps 0,1 (epoch 1) and 2,3 (epoch 2) of 4.
+    assert 0 < history.history["lambda"][0] < history.history["lambda"][1] < 1
+    probabilities = model.predict(next(iter(data.target_test))[0], verbose=0)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_source_only_keeps_lambda_zero_and_features_get_no_domain_gradient(digits_m_root):
+    keras.utils.set_random_seed(0)
+    data = digits_m(root=digits_m_root, batch_size=16)
+    model = DANN(mode="source_only", total_steps=10, label_units=(8,), domain_units=(8,))
+    history = two_step_fit(model, data.train)
+    assert history["lambda"] == [0.0]
+
+
+def test_config_round_trip_rebuilds_the_same_model():
+    model = DANN(num_classes=4, image_shape=(28, 28, 3), label_units=(16,), mode="source_only", total_steps=7)
+    model.build((None, 28, 28, 3))
+    clone = DANN.from_config(model.get_config())
+    clone.build((None, 28, 28, 3))
+    clone.set_weights(model.get_weights())
+    x = np.random.default_rng(0).random((2, 28, 28, 3)).astype("float32")
+    np.testing.assert_allclose(model(x), clone(x), rtol=1e-5)
+    assert clone.mode == "source_only" and clone.total_steps == 7
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="model.mode: expected one of"):
+        DANN(mode="adversarial")
+
+
+def test_fit_under_mirrored_strategy_on_two_logical_cpus(digits_m_root, tmp_path):
+    run_dir = tmp_path / "mirrored"
+    result = run_cli(*quick_fit_args(digits_m_root, run_dir, epochs=1, steps=2), "--strategy", "mirrored",
+                     env={"VISLEARN_LOGICAL_CPUS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MirroredStrategy" in result.stderr
+    assert (run_dir / "checkpoints" / "last.weights.h5").exists()
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "nan" not in history[1]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"accuracy", "source_accuracy", "domain_accuracy"}
+    # The checkpoint loads into a model built without any strategy.
+    assert run_cli("evaluate", run_dir, "--json").returncode == 0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fit_under_multi_worker_mirrored_strategy_with_two_processes(digits_m_root, tmp_path):
+    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    run_dir = tmp_path / "multi"
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        processes.append(subprocess.Popen(
+            [*VISLEARN, *map(str, quick_fit_args(digits_m_root, run_dir, epochs=1, steps=2)),
+             "--strategy", "multi_worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    assert "MultiWorkerMirroredStrategy" in outputs[0][1]
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "nan" not in history[1]
+    assert (run_dir / "checkpoints" / "last.weights.h5").exists()
+    assert not (run_dir / "workers").exists() or not any((run_dir / "workers").iterdir())
+    assert run_cli("evaluate", run_dir, "--json").returncode == 0
