@@ -164,7 +164,8 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=15.0, help="each throughput window (default 15)")
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="soak duration (default 60)")
     parser.add_argument("--calls", type=int, default=300, help="sequential calls for the overhead p50")
-    parser.add_argument("--threads", type=int, default=1, help="TF intra/inter-op threads, both sides (default 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="TF intra/inter-op threads, both sides (default 1; 0: TF's default)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-timeout-micros", type=int, default=5000)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
@@ -174,8 +175,12 @@ def main(argv=None):
     from tensorflow_serving.apis import predict_pb2
 
     # Same TF thread pools here (the in-process reference) as in the server.
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    if args.threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+        except RuntimeError:  # TF already running in this process (e.g. under pytest)
+            pass
     workdir = tempfile.TemporaryDirectory(prefix="vislearn-bench-")
     if args.model:
         name, _, path = args.model.partition("=")

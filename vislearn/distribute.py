@@ -86,3 +86,17 @@ def make_strategy(name="auto"):
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
+
+
+def step_logs(metrics):
+    """`{name: result}` of a train/test step's metrics, ready for Keras to reduce.
+
+    Under MultiWorkerMirroredStrategy Keras 3 reduces step outputs across
+    workers with `strategy.reduce("MEAN", value, axis=0)`, which needs an axis
+    to reduce over; scalars get a length-1 axis there (and only there, so the
+    logs stay scalars everywhere else).
+    """
+    logs = {metric.name: metric.result() for metric in metrics}
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs

@@ -394,6 +394,10 @@ def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None):
                      title=recipe.get("description", ""))
     else:
         shutil.rmtree(write_dir, ignore_errors=True)
+        try:
+            write_dir.parent.rmdir()  # `workers/`, once the last worker is gone
+        except OSError:
+            pass
     return metrics
 
 

@@ -187,8 +187,10 @@ def test_cli_serve_query_and_sigterm_drain(base, image, tmp_path):
         assert process.wait(30) == 0
         for thread in threads:
             thread.join(30)
-        # After the drain starts new calls are refused (UNAVAILABLE), never cut mid-way.
-        assert set(failures) <= {grpc.StatusCode.UNAVAILABLE}
+        # After the drain starts, new calls are refused by gRPC (UNAVAILABLE, or CANCELLED
+        # for a call that raced the listener closing); nothing fails before SIGTERM.
+        assert set(failures) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+        assert len(done) > 8
         assert "stopped" in process.stderr.read()
     finally:
         if process.poll() is None:

@@ -61,14 +61,17 @@ def _write_class_folders(root, images, labels, indices):
         Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
 
 
-def make_digits_m(out, seed=0, test_fraction=0.3):
+def make_digits_m(out, seed=0, test_fraction=0.3, target_copies=1):
     """digits -> digits-M, the small-scale MNIST -> MNIST-M of the DANN paper.
 
     Source: the real handwritten digits as 28x28 RGB (grey replicated).
     Target: each digit blended over a random crop of a real colour photo as
     |photo - digit| per channel, the MNIST-M construction.
     Both are split the same way (fixed by `seed`) and written as
-    `out/{source,target}/{train,test}/<class>/<index>.png`.
+    `out/{source,target}/{train,test}/<class>/<index>.png`. With
+    `target_copies` > 1 each target training digit is blended over that many
+    different crops (MNIST-M draws a fresh crop per image; more crops give the
+    domain classifier more of the target's variety).
     """
     out = Path(out)
     rng = np.random.default_rng(seed)
@@ -87,8 +90,13 @@ def make_digits_m(out, seed=0, test_fraction=0.3):
     for domain, images in (("source", source), ("target", target)):
         for split, indices in splits.items():
             _write_class_folders(out / domain / split, images, labels, indices)
+    for copy in range(1, target_copies):
+        for i in splits["train"]:
+            patch = random_crop(photos[rng.integers(len(photos))], 28, rng).astype(np.int16)
+            blended = np.abs(patch - source[i].astype(np.int16)).astype(np.uint8)
+            Image.fromarray(blended).save(out / "target" / "train" / str(int(labels[i])) / f"{i:05d}_{copy}.png")
     info = {"name": "digits_m", "seed": seed, "classes": [str(c) for c in range(10)],
-            "train": len(splits["train"]), "test": len(splits["test"]),
+            "train": len(splits["train"]), "test": len(splits["test"]), "target_copies": target_copies,
             "layout": "{source,target}/{train,test}/<class>/<index>.png"}
     (out / "dataset.json").write_text(json.dumps(info, indent=2))
     return out

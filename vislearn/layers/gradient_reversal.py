@@ -37,6 +37,7 @@ class GradientReversal(keras.layers.Layer):
             trainable=False,
             dtype="float32",
         )
+        self.built = True  # no shape-dependent state; lets Keras see the model as built
 
     def call(self, inputs):
         coefficient = tf.cast(self.lambda_, inputs.dtype)

@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras import layers
 
 from vislearn.backbones import build_backbone
+from vislearn.distribute import step_logs
 from vislearn.layers import GradientReversal
 from vislearn.losses import per_replica_mean
 
@@ -113,6 +114,9 @@ class DANN(keras.Model):
             self.label_units, "label_classifier", self.num_classes, "softmax", self.dropout)
         self.gradient_reversal = GradientReversal(0.0, name="gradient_reversal")
         self.domain_classifier = dense_stack(self.domain_units, "domain_classifier", 1)
+        # Build the heads now: the train step calls them on slices of a batch.
+        self.label_classifier.build(self.feature_extractor.output_shape)
+        self.domain_classifier.build(self.feature_extractor.output_shape)
 
         self.label_loss_fn = keras.losses.SparseCategoricalCrossentropy()
         self.domain_loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
@@ -123,12 +127,6 @@ class DANN(keras.Model):
         self.domain_accuracy_metric = keras.metrics.BinaryAccuracy(name="domain_accuracy", threshold=0.0)
         self.lambda_tracker = keras.metrics.Mean(name="lambda")
 
-    def build(self, input_shape=None):
-        features = self.feature_extractor.output_shape
-        self.label_classifier.build(features)
-        self.domain_classifier.build(features)
-        super().build(input_shape)
-
     def call(self, images, training=False):
         return self.label_classifier(self.feature_extractor(images, training=training), training=training)
 
@@ -136,6 +134,14 @@ class DANN(keras.Model):
         """Domain classifier logit per image (> 0 means "target")."""
         features = self.feature_extractor(images, training=training)
         return self.domain_classifier(features, training=training)[:, 0]
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' generic pre-build first averages one data batch across
+        # replicas, which MultiWorkerMirroredStrategy cannot do for dict
+        # batches. DANN's layers are all built by `build`, so skip it then.
+        if self.built:
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     @property
     def metrics(self):
@@ -175,7 +181,7 @@ class DANN(keras.Model):
         self.accuracy_metric.update_state(source_labels, class_probs)
         self.domain_accuracy_metric.update_state(domain_labels, domain_logits)
         self.lambda_tracker.update_state(coefficient)
-        return {m.name: m.result() for m in self.metrics}
+        return step_logs(self.metrics)
 
     def test_step(self, data):
         images, labels = data[0], data[1]
@@ -184,7 +190,7 @@ class DANN(keras.Model):
         self.loss_tracker.update_state(label_loss)
         self.label_loss_tracker.update_state(label_loss)
         self.accuracy_metric.update_state(labels, class_probs)
-        return {"loss": self.loss_tracker.result(), "accuracy": self.accuracy_metric.result()}
+        return step_logs([self.loss_tracker, self.accuracy_metric])
 
     def get_config(self):
         config = super().get_config()
