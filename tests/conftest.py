@@ -20,3 +20,10 @@ def digits_m_root(data_home):
     from vislearn.data.make import make_digits_m
 
     return make_digits_m(data_home / "digits_m-0", seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_folders_root(data_home):
+    from vislearn.data.make import make_digits_folders
+
+    return make_digits_folders(data_home / "digits_folders-0", seed=0)

@@ -32,3 +32,17 @@ def test_build_optimizer_fills_decay_steps_and_rejects_unknown_names():
     assert optimizer._learning_rate.decay_steps == 400
     with pytest.raises(ConfigError, match="did you mean 'sgd'"):
         build_optimizer({"name": "sdg"}, 10)
+
+
+def test_warmup_step_follows_yolo_v1_schedule():
+    """YOLOv1's VOC schedule: warm-up 1e-3 -> 1e-2, then 1e-2, 1e-3, 1e-4 (fractions of the run)."""
+    from vislearn.optimizers import WarmupStep, build_schedule
+
+    schedule = build_schedule({"name": "warmup_step", "initial_learning_rate": 0.01, "warmup_steps": 100,
+                               "boundaries": [0.5, 0.75], "factors": [0.1, 0.01], "decay_steps": None}, 1000)
+    assert isinstance(schedule, WarmupStep) and schedule.decay_steps == 1000
+    rates = [float(schedule(step)) for step in (0, 50, 100, 499, 500, 749, 750, 999)]
+    np.testing.assert_allclose(rates, [1e-3, 5.5e-3, 1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4], rtol=1e-5)
+    assert WarmupStep.from_config(schedule.get_config()).get_config() == schedule.get_config()
+    with pytest.raises(ConfigError, match="boundaries: expected increasing fractions"):
+        WarmupStep(boundaries=(0.8, 0.5), factors=(0.1, 0.01))

@@ -75,3 +75,131 @@ def export_classifier(model, path, image_shape, class_names):
                    signatures={"serving_default": "images: encoded image bytes",
                                "predict_images": "images: float32 [0,1]"})
     return Path(path)
+
+
+def export_detector(model, path, image_shape, class_names, score_threshold=0.25, iou_threshold=0.45,
+                    max_detections=100, resize="stretch"):
+    """Export an object detector; decoding and per-class NMS run inside the graph.
+
+    Args:
+        model: has `detect(images, score_threshold, iou_threshold,
+            max_detections)` (e.g. `vislearn.models.YoloV1`).
+        path: the version folder to write.
+        image_shape: (height, width, 3) the network takes.
+        class_names: names of the class indices (written to the metadata and
+            returned as `detection_labels`).
+        score_threshold: detections scoring lower are dropped.
+        iou_threshold: per-class NMS overlap threshold.
+        max_detections: outputs are padded to this many per image.
+        resize: `"stretch"` (how YOLOv1 trains) or `"letterbox"` (keep the
+            aspect ratio, pad with grey); boxes are mapped back either way.
+
+    Signatures (both return the same outputs):
+        serving_default: `images` string [batch] of encoded JPEG/PNG/BMP/GIF
+            images of any sizes. Bytes that are not an image make the call
+            fail with `InvalidArgumentError` (an error response in TF Serving).
+        detect_images: `images` uint8 [batch, H, W, 3] of any one size.
+
+    Outputs:
+        `detection_boxes` float [batch, K, 4] normalised `(ymin, xmin, ymax,
+        xmax)` in the *original* image, `detection_scores` float [batch, K],
+        `detection_classes` int32 [batch, K], `detection_labels` string
+        [batch, K] (class names; "" for padding), `num_detections` int32
+        [batch]; K = `max_detections`, entries past `num_detections` are 0.
+    """
+    from vislearn.data.detection_augment import letterbox
+
+    if resize not in ("stretch", "letterbox"):
+        raise ConfigError(f"export.resize: expected 'stretch' or 'letterbox', received {resize!r}")
+    for key, value in (("score_threshold", score_threshold), ("iou_threshold", iou_threshold)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ConfigError(f"export.{key}: expected a number in [0, 1], received {value!r}")
+    if int(max_detections) < 1:
+        raise ConfigError(f"export.max_detections: expected a positive integer, received {max_detections!r}")
+    height, width = int(image_shape[0]), int(image_shape[1])
+    names = tf.constant([str(n) for n in class_names] + [""])
+    score_threshold, iou_threshold, max_detections = float(score_threshold), float(iou_threshold), int(max_detections)
+
+    def prepare(image):
+        """One uint8 [H, W, 3] image -> (network input, letterbox parameters)."""
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        if resize == "letterbox":
+            element = letterbox({"image": image, "boxes": tf.zeros([0, 4])}, (height, width))
+            return element["image"], element["letterbox"]
+        resized = tf.clip_by_value(tf.image.resize(image, [height, width], antialias=True), 0.0, 1.0)
+        return resized, tf.constant([1.0, 1.0, 0.0, 0.0])
+
+    def detect(images, params):
+        outputs = model.detect(images, score_threshold, iou_threshold, max_detections)
+        scale, offset = tf.tile(params[:, None, :2], [1, 1, 2]), tf.tile(params[:, None, 2:], [1, 1, 2])
+        boxes = tf.clip_by_value((outputs["detection_boxes"] - offset) / scale, 0.0, 1.0)
+        real = tf.range(max_detections)[None, :] < outputs["num_detections"][:, None]
+        classes = tf.where(real, outputs["detection_classes"], 0)
+        return {
+            "detection_boxes": tf.where(real[..., None], boxes, 0.0),
+            "detection_scores": tf.where(real, outputs["detection_scores"], 0.0),
+            "detection_classes": classes,
+            "detection_labels": tf.gather(names, tf.where(real, classes, len(class_names))),
+            "num_detections": outputs["num_detections"],
+        }
+
+    signature = (tf.TensorSpec([height, width, 3], tf.float32), tf.TensorSpec([4], tf.float32))
+
+    def from_bytes(images):
+        decoded = tf.map_fn(
+            lambda data: prepare(tf.io.decode_image(data, channels=3, expand_animations=False)),
+            images, fn_output_signature=signature)
+        return detect(*decoded)
+
+    def from_pixels(images):
+        return detect(*tf.map_fn(prepare, images, fn_output_signature=signature))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", from_bytes,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    archive.add_endpoint("detect_images", from_pixels,
+                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    archive.write_out(str(path), verbose=False)
+    write_metadata(path, kind="detector", image_shape=[height, width, 3],
+                   class_names=[str(n) for n in class_names], score_threshold=score_threshold,
+                   iou_threshold=iou_threshold, max_detections=max_detections, resize=resize,
+                   box_format="normalised ymin, xmin, ymax, xmax in the original image",
+                   signatures={"serving_default": "images: encoded image bytes (any size)",
+                               "detect_images": "images: uint8 [batch, H, W, 3]"})
+    return Path(path)
+
+
+def export_image_embedder(encoder, path, image_shape, description=""):
+    """Export a frozen encoder as an image feature extractor.
+
+    Signatures:
+        serving_default, embed_image: `images` string [batch] of encoded
+            JPEG/PNG/BMP/GIF -> `embeddings` float32 [batch, dim], L2-normalised.
+        embed_pixels: `images` float32 [batch, H, W, 3] in [0, 1] -> the same.
+    """
+    height, width, channels = image_shape
+
+    def embed(images):
+        features = tf.reshape(encoder(images, training=False), [tf.shape(images)[0], -1])
+        return {"embeddings": tf.math.l2_normalize(tf.cast(features, tf.float32), axis=-1)}
+
+    def from_bytes(images):
+        decoded = tf.map_fn(lambda data: decode_image(data, [height, width], channels), images,
+                            fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
+        return embed(decoded)
+
+    archive = keras.export.ExportArchive()
+    archive.track(encoder)
+    bytes_spec = [tf.TensorSpec([None], tf.string, name="images")]
+    archive.add_endpoint("serving_default", from_bytes, input_signature=bytes_spec)
+    archive.add_endpoint("embed_image", from_bytes, input_signature=bytes_spec)
+    archive.add_endpoint("embed_pixels", embed, input_signature=[
+        tf.TensorSpec([None, height, width, channels], tf.float32, name="images")])
+    archive.write_out(str(path), verbose=False)
+    write_metadata(path, kind="image_embedder", image_shape=list(image_shape),
+                   embedding_dim=int(encoder.output_shape[-1]), normalized=True, description=description,
+                   signatures={"serving_default": "images: encoded image bytes -> embeddings",
+                               "embed_image": "images: encoded image bytes -> embeddings",
+                               "embed_pixels": "images: float32 [0,1] -> embeddings"})
+    return Path(path)

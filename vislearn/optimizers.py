@@ -8,7 +8,7 @@ which `build_optimizer` fills with the total number of training steps.
 import keras
 from keras import ops
 
-from vislearn.config import pick
+from vislearn.config import ConfigError, pick
 
 
 @keras.saving.register_keras_serializable(package="vislearn")
@@ -62,6 +62,61 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                     warmup_steps=self.warmup_steps, decay_steps=self.decay_steps)
 
 
+@keras.saving.register_keras_serializable(package="vislearn")
+class WarmupStep(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up, then a step schedule with boundaries as fractions of the run.
+
+    The rate rises linearly from `warmup_factor * initial_learning_rate` to
+    `initial_learning_rate` over `warmup_steps`, stays there, and is
+    multiplied by `factors[k]` from step `boundaries[k] * decay_steps` on.
+    Fractions keep a recipe valid whatever the dataset size; YOLOv1's VOC
+    schedule (135 epochs: warm-up from 1e-3 to 1e-2, 1e-2 until epoch 75 after
+    the warm-up, 1e-3 for 30 epochs, 1e-4 for 30) is `warmup_factor: 0.1`,
+    `boundaries: [0.56, 0.78]`, `factors: [0.1, 0.01]`.
+
+    Args:
+        initial_learning_rate: the rate after warm-up.
+        warmup_steps: length of the linear warm-up.
+        warmup_factor: the starting rate as a fraction of `initial_learning_rate`.
+        boundaries: increasing fractions of `decay_steps` in (0, 1).
+        factors: multipliers of `initial_learning_rate` from each boundary on.
+        decay_steps: the run's length in steps (`null` in a recipe: filled in).
+
+    Reference:
+        Redmon et al., "You Only Look Once: Unified, Real-Time Object
+        Detection", CVPR 2016, section 2.2.
+    """
+
+    def __init__(self, initial_learning_rate=0.01, warmup_steps=0, warmup_factor=0.1,
+                 boundaries=(0.56, 0.78), factors=(0.1, 0.01), decay_steps=1000):
+        if len(boundaries) != len(factors):
+            raise ConfigError(f"optimizer.schedule: boundaries {list(boundaries)} and factors {list(factors)} "
+                              "must have the same length")
+        if list(boundaries) != sorted(boundaries) or any(not 0 < b < 1 for b in boundaries):
+            raise ConfigError(f"optimizer.schedule.boundaries: expected increasing fractions of the run in (0, 1), "
+                              f"received {list(boundaries)}")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_factor = float(warmup_factor)
+        self.boundaries = [float(b) for b in boundaries]
+        self.factors = [float(f) for f in factors]
+        self.decay_steps = int(decay_steps)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        rate = ops.ones_like(step) * self.initial_learning_rate
+        for boundary, factor in zip(self.boundaries, self.factors):
+            rate = ops.where(step >= boundary * self.decay_steps, self.initial_learning_rate * factor, rate)
+        progress = ops.clip(step / max(self.warmup_steps, 1), 0.0, 1.0)
+        warm = self.initial_learning_rate * (self.warmup_factor + (1.0 - self.warmup_factor) * progress)
+        return ops.where(step < self.warmup_steps, warm, rate)
+
+    def get_config(self):
+        return dict(initial_learning_rate=self.initial_learning_rate, warmup_steps=self.warmup_steps,
+                    warmup_factor=self.warmup_factor, boundaries=self.boundaries, factors=self.factors,
+                    decay_steps=self.decay_steps)
+
+
 def _constant(initial_learning_rate=0.001):
     return float(initial_learning_rate)
 
@@ -71,6 +126,7 @@ SCHEDULES = {
     "dann": DANNAnnealing,
     "cosine": WarmupCosine,
     "piecewise": keras.optimizers.schedules.PiecewiseConstantDecay,
+    "warmup_step": WarmupStep,
 }
 
 OPTIMIZERS = {

@@ -44,6 +44,31 @@ def draw_label(image_path, text, out_png):
     canvas.save(out_png)
 
 
+def draw_detections(image_path, boxes, labels, scores, out_png):
+    """Draw labelled boxes (normalised yxyx in the original image) on a copy of the image."""
+    image = Image.open(image_path).convert("RGB")
+    scale = max(1, 256 // max(image.size))
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(image)
+    colours = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+    for box, label, score in zip(boxes, labels, scores):
+        ymin, xmin, ymax, xmax = (float(v) for v in box)
+        colour = colours[sum(map(ord, label)) % len(colours)]
+        corners = [xmin * image.width, ymin * image.height, xmax * image.width, ymax * image.height]
+        draw.rectangle(corners, outline=colour, width=2)
+        text = f"{label} {score:.2f}"
+        top = max(corners[1] - 11, 0)
+        draw.rectangle([corners[0], top, corners[0] + 6 * len(text) + 2, top + 11], fill=colour)
+        draw.text((corners[0] + 1, top), text, fill="white")
+    image.save(out_png)
+
+
+def _detections(outputs, i):
+    n = int(outputs["num_detections"][i])
+    labels = [v.decode() for v in outputs["detection_labels"][i, :n]]
+    return outputs["detection_boxes"][i, :n], labels, outputs["detection_scores"][i, :n]
+
+
 def predict(export_dir, images, out=None):
     """Yield one line per image; with `out`, write an annotated PNG per image."""
     import tensorflow as tf
@@ -65,6 +90,16 @@ def predict(export_dir, images, out=None):
             if out:
                 png = Path(out) / f"{Path(path).stem}.png"
                 draw_label(path, text, png)
+                text += f" -> {png}"
+            yield f"{path}: {text}"
+        elif "detection_boxes" in outputs:
+            boxes, labels, scores = _detections(outputs, i)
+            found = ", ".join(f"{label} {score:.2f} [{', '.join(f'{v:.3f}' for v in box)}]"
+                              for box, label, score in zip(boxes, labels, scores))
+            text = f"{len(labels)} detection(s)" + (f": {found}" if found else "")
+            if out:
+                png = Path(out) / f"{Path(path).stem}.png"
+                draw_detections(path, boxes, labels, scores, png)
                 text += f" -> {png}"
             yield f"{path}: {text}"
         else:

@@ -74,6 +74,105 @@ def _dann_export(model, path, data, options):
     return export_classifier(model, path, data.image_shape, data.class_names)
 
 
+def detector_export_section(name="model", score_threshold=0.25, iou_threshold=0.45, max_detections=100,
+                            resize="stretch"):
+    """`export:` keys of detectors (see `vislearn.export.export_detector`)."""
+
+
+def _yolo_model_args(model_args, data, total_steps):
+    filled = dict(model_args)
+    filled.setdefault("num_classes", data.num_classes)
+    filled.setdefault("image_shape", list(data.image_shape))
+    if filled["num_classes"] != data.num_classes:
+        raise ConfigError(f"model.num_classes: {filled['num_classes']} does not match the data's "
+                          f"{data.num_classes} classes")
+    if list(filled["image_shape"]) != list(data.image_shape):
+        raise ConfigError(f"model.image_shape: {filled['image_shape']} does not match the data's "
+                          f"{list(data.image_shape)} (set data.image_size instead)")
+    return filled
+
+
+def _detector_metrics(model, data):
+    from vislearn.evaluation.detection import evaluate_detector
+
+    return evaluate_detector(model, data.test, data.class_names, data.batch_size)
+
+
+def _detector_export(model, path, data, options):
+    from vislearn.export import export_detector
+
+    options = {k: v for k, v in options.items() if k != "name"}
+    return export_detector(model, path, data.image_shape, data.class_names, **options)
+
+
+def _image_shape_args(model_args, data, total_steps):
+    filled = dict(model_args)
+    filled.setdefault("image_shape", list(data.image_shape))
+    if list(filled["image_shape"]) != list(data.image_shape):
+        raise ConfigError(f"model.image_shape: {filled['image_shape']} does not match the data's "
+                          f"{list(data.image_shape)} (set data.image_size instead)")
+    return filled
+
+
+def _supervised_model_args(model_args, data, total_steps):
+    filled = _image_shape_args(model_args, data, total_steps)
+    filled.setdefault("num_classes", data.num_classes)
+    if filled["num_classes"] != data.num_classes:
+        raise ConfigError(f"model.num_classes: {filled['num_classes']} does not match the data's "
+                          f"{data.num_classes} classes")
+    return filled
+
+
+def _exemplar_data_args(model):
+    import inspect
+
+    from vislearn.models.exemplar import ExemplarCNN
+
+    default = inspect.signature(ExemplarCNN.__init__).parameters["num_exemplars"].default
+    return {"train_targets": "exemplars", "num_exemplars": model.get("num_exemplars", default)}
+
+
+def _representation_metrics(model, data):
+    from vislearn.evaluation.representation import encoder_of, representation_metrics
+
+    if data.probe_train is None:
+        log.warning("no labelled probe split (data.probe_train/probe_test): linear_top1 and knn_top1 not computed")
+        return {"linear_top1": None, "knn_top1": None}
+    return representation_metrics(encoder_of(model), data.probe_train, data.probe_test)
+
+
+def _knn_monitor(model, data):
+    from vislearn.evaluation.representation import KNNMonitor
+
+    return [] if data.probe_train is None else [KNNMonitor(data.probe_train, data.probe_test)]
+
+
+def _embedder_export(model, path, data, options):
+    from vislearn.evaluation.representation import encoder_of
+    from vislearn.export import export_image_embedder
+
+    return export_image_embedder(encoder_of(model), path, data.image_shape)
+
+
+def _representation_method(model_class, data_args=lambda model: {}, **overrides):
+    """A method evaluated by the frozen-encoder protocol (linear_top1, knn_top1)
+    and exported as an image embedder; its best checkpoint is the lowest
+    training loss (the kNN curve, computed on the probe's test split, is
+    logged, never used to select)."""
+    return Method(**{
+        "model_class": model_class,
+        "datasets": ("digits_ssl", "image_folders"),
+        "model_args": _image_shape_args,
+        "data_args": data_args,
+        "validation": lambda data: None,
+        "metrics": _representation_metrics,
+        "export": _embedder_export,
+        "monitor": "loss",
+        "callbacks": _knn_monitor,
+        **overrides,
+    })
+
+
 @dataclasses.dataclass
 class Method:
     """How a recipe runs one method: its model class, which data builders
@@ -87,10 +186,18 @@ class Method:
     metrics: Callable           # (model, data) -> metrics.json dict
     export: Callable            # (model, path, data, export section) -> path
     monitor: str = "val_accuracy"
+    callbacks: Callable = lambda model, data: []  # (model, data) -> extra Keras callbacks
+    export_options: Callable = export_section  # its keyword arguments are the `export:` keys
 
 
 def _methods():
     from vislearn.models.dann import DANN
+    from vislearn.models.autoencoder import Autoencoder
+    from vislearn.models.context_prediction import ContextPrediction
+    from vislearn.models.exemplar import ExemplarCNN
+    from vislearn.models.rotnet import RotNet
+    from vislearn.models.supervised import Supervised
+    from vislearn.models.yolo_v1 import YoloV1
 
     return {
         "dann": Method(
@@ -102,6 +209,24 @@ def _methods():
             metrics=_dann_metrics,
             export=_dann_export,
         ),
+        "yolo_v1": Method(
+            model_class=YoloV1,
+            datasets=("shapes_on_photos", "detection_folder"),
+            model_args=_yolo_model_args,
+            data_args=lambda model: {},
+            validation=lambda data: data.validation,
+            metrics=_detector_metrics,
+            export=_detector_export,
+            monitor="val_loss",
+            export_options=detector_export_section,
+        ),
+        "autoencoder": _representation_method(Autoencoder),
+        "rotnet": _representation_method(RotNet),
+        "exemplar": _representation_method(ExemplarCNN, data_args=_exemplar_data_args),
+        "context_prediction": _representation_method(ContextPrediction),
+        "supervised": _representation_method(
+            Supervised, datasets=("digits_ssl",), model_args=_supervised_model_args,
+            data_args=lambda model: {"train_targets": "labels"}, validation=lambda data: data.probe_test),
     }
 
 
@@ -196,7 +321,8 @@ def validate(recipe, source):
     if data_name not in method.datasets:
         raise ConfigError(f"{source}: data.name: {data_name!r} cannot feed method {method_name!r}; "
                           f"expected one of {list(method.datasets)}")
-    check_arguments(builder, data, f"{source}: data", skip=("seed", "target_as_source"))
+    check_arguments(builder, data, f"{source}: data",
+                    skip=("seed", "target_as_source", "train_targets", "num_exemplars"))
 
     optimizer = dict(recipe.get("optimizer") or {})
     optimizer_class = pick(OPTIMIZERS, optimizer.pop("name", "adam"), f"{source}: optimizer.name")
@@ -223,7 +349,7 @@ def validate(recipe, source):
     check_arguments(distribute_section, distribute, f"{source}: distribute")
     if distribute.get("strategy", "auto") not in STRATEGIES:
         pick({s: s for s in STRATEGIES}, distribute.get("strategy"), f"{source}: distribute.strategy")
-    check_arguments(export_section, recipe.get("export") or {}, f"{source}: export")
+    check_arguments(method.export_options, recipe.get("export") or {}, f"{source}: export")
 
 
 # ---------------------------------------------------------------- building
@@ -381,6 +507,7 @@ def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None):
         keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(write_dir / "logs")),
     ]
+    callbacks[1:1] = method.callbacks(model, data)  # e.g. a kNN monitor: before the loggers read the logs
     if verbose is None:
         verbose = train.get("verbose") or (1 if sys.stdout.isatty() else 2)
     model.fit(data.train, epochs=train["epochs"], steps_per_epoch=steps,

@@ -11,7 +11,15 @@ import keras
 from keras import layers
 
 
-def dann_mnist(input_shape=(28, 28, 3), center=True, name="dann_mnist"):
+@keras.saving.register_keras_serializable(package="vislearn")
+class PerImageCentering(layers.Layer):
+    """Subtracts each image's mean over height, width and channels."""
+
+    def call(self, images):
+        return images - keras.ops.mean(images, axis=(1, 2, 3), keepdims=True)
+
+
+def dann_mnist(input_shape=(28, 28, 3), center=False, name="dann_mnist"):
     """The feature extractor of DANN's MNIST network (Ganin et al., 2016).
 
     conv 32 5x5 -> max-pool 2 -> conv 48 5x5 -> max-pool 2 -> flatten, with
@@ -19,15 +27,14 @@ def dann_mnist(input_shape=(28, 28, 3), center=True, name="dann_mnist"):
     The FC100 -> FC100 label head and FC100 domain head live in the model.
 
     Args:
-        center: subtract each image's mean pixel first (the reference
-            implementations subtract a mean image), so overall brightness,
-            which differs between domains, is not a feature.
+        center: subtract each image's mean pixel first, so overall
+            brightness is not a feature (off by default: on digits -> digits-M
+            it lowered DANN's target accuracy).
     """
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
     if center:
-        x = layers.Lambda(lambda t: t - keras.ops.mean(t, axis=(1, 2, 3), keepdims=True),
-                          output_shape=tuple(input_shape), name="center")(x)
+        x = PerImageCentering(name="center")(x)
     x = layers.Conv2D(32, 5, activation="relu", name="conv1")(x)
     x = layers.MaxPooling2D(2, name="pool1")(x)
     x = layers.Conv2D(48, 5, activation="relu", name="conv2")(x)
@@ -90,15 +97,81 @@ BACKBONES = {
 
 
 def build_backbone(spec, input_shape):
-    """Build a backbone from a name or a `{"name": ..., **kwargs}` dict."""
+    """Build a backbone from a name or a `{"name": ..., **kwargs}` dict.
+
+    Two keys are not builder arguments:
+        from_run: a vislearn run dir (e.g. a self-supervised pretraining run);
+            the backbone starts from the weights of that run's encoder (its best,
+            else last, checkpoint). The run's backbone must have the same name
+            and the same weight shapes, else a ConfigError names both.
+        trainable: false freezes the backbone (a linear-probe-style transfer).
+    """
     if isinstance(spec, keras.Model):
         return spec
     if isinstance(spec, str):
         spec = {"name": spec}
     spec = dict(spec)
+    from_run = spec.pop("from_run", None)
+    trainable = spec.pop("trainable", True)
     name = spec.pop("name", None)
     if name not in BACKBONES:
         close = difflib.get_close_matches(str(name), BACKBONES, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ValueError(f"backbone.name: unknown backbone {name!r}{hint}; expected one of {sorted(BACKBONES)}")
-    return BACKBONES[name](input_shape=tuple(input_shape), **spec)
+    backbone = BACKBONES[name](input_shape=tuple(input_shape), **spec)
+    if from_run is not None:
+        load_backbone_from_run(backbone, from_run, {"name": name, **spec})
+    if not isinstance(trainable, bool):
+        raise ValueError(f"backbone.trainable: expected a boolean, received {trainable!r}")
+    backbone.trainable = trainable
+    return backbone
+
+
+def _spec_dict(spec):
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
+    spec.pop("from_run", None)
+    spec.pop("trainable", None)
+    return spec
+
+
+def pretrained_encoder(run_dir):
+    """The encoder (or DANN feature extractor) of a finished or interrupted run,
+    with the weights of its best (else last) checkpoint. Returns (encoder, spec)."""
+    from pathlib import Path
+
+    from vislearn.config import ConfigError
+    from vislearn.evaluation.representation import encoder_of
+    from vislearn.recipes import build_model, read_yaml
+
+    run_dir = Path(run_dir)
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.exists():
+        raise ConfigError(f"backbone.from_run: {run_dir} is not a vislearn run dir (no recipe.yaml)")
+    checkpoint = next((p for p in (run_dir / "checkpoints" / "best.weights.h5",
+                                   run_dir / "checkpoints" / "last.weights.h5") if p.exists()), None)
+    if checkpoint is None:
+        raise ConfigError(f"backbone.from_run: {run_dir} has no checkpoint (checkpoints/best.weights.h5 "
+                          "or last.weights.h5); has the run finished an epoch?")
+    recipe = read_yaml(recipe_file)
+    model_section = dict(recipe["model"])
+    spec = _spec_dict(model_section.get("backbone", "dann_mnist"))
+    # Build the run's model on its own weights only (not on its own from_run).
+    model_section["backbone"] = spec
+    model = build_model(recipe, model_section)
+    model.load_weights(str(checkpoint))
+    return encoder_of(model), spec
+
+
+def load_backbone_from_run(backbone, run_dir, spec):
+    """Copy the weights of `run_dir`'s encoder into `backbone` (built from `spec`)."""
+    from vislearn.config import ConfigError
+
+    source, source_spec = pretrained_encoder(run_dir)
+    spec = _spec_dict(spec)
+    source_weights, weights = source.get_weights(), backbone.get_weights()
+    compatible = source_spec.get("name") == spec.get("name") and len(source_weights) == len(weights) and all(
+        a.shape == b.shape for a, b in zip(source_weights, weights))
+    if not compatible:
+        raise ConfigError(f"backbone.from_run: {run_dir} holds backbone {source_spec}, incompatible with the "
+                          f"requested backbone {spec}; use the same name and arguments")
+    backbone.set_weights(source_weights)

@@ -5,10 +5,16 @@ Builders take `seed` (the recipe's `train.seed`) and, for domain adaptation,
 `target_as_source`; vislearn fills both in.
 """
 
+from vislearn.data.detection_sets import detection_folder, shapes_on_photos
 from vislearn.data.domains import digits_m, domain_folders, domain_tfds
+from vislearn.data.unlabelled import digits_ssl, image_folders
 
 DATASETS = {
     "digits_m": digits_m,
     "domain_folders": domain_folders,
     "domain_tfds": domain_tfds,
+    "detection_folder": detection_folder,
+    "shapes_on_photos": shapes_on_photos,
+    "digits_ssl": digits_ssl,
+    "image_folders": image_folders,
 }

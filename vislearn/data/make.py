@@ -102,9 +102,42 @@ def make_digits_m(out, seed=0, test_fraction=0.3, target_copies=1):
     return out
 
 
+def make_digits_folders(out, seed=0, test_fraction=0.3, image_size=32):
+    """scikit-learn's real handwritten digits as class-per-folder RGB PNGs.
+
+    Each 8x8 digit is upsampled (bicubic) into a centred box three quarters of
+    `image_size` wide, grey replicated to RGB, and the set is split (fixed by
+    `seed`) into `out/{train,test}/<class>/<index>.png`. Self-supervised
+    recipes pretrain on `train/` without its labels; the labels serve only the
+    linear probe / kNN evaluation (train/ to fit, test/ to score).
+    """
+    from sklearn.datasets import load_digits
+
+    out = Path(out)
+    digits = load_digits()
+    box = int(round(image_size * 0.75))
+    margin = (image_size - box) // 2
+    images = np.zeros((len(digits.images), image_size, image_size, 3), dtype=np.uint8)
+    for i, small in enumerate(digits.images):
+        img = Image.fromarray((small / 16.0 * 255).astype(np.uint8)).resize((box, box), Image.BICUBIC)
+        images[i, margin:margin + box, margin:margin + box] = np.asarray(img)[..., None]
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_test = int(round(len(images) * test_fraction))
+    splits = {"test": order[:n_test], "train": order[n_test:]}
+    for split, indices in splits.items():
+        _write_class_folders(out / split, images, labels, indices)
+    info = {"name": "digits_folders", "seed": seed, "classes": [str(c) for c in range(10)],
+            "image_size": image_size, "train": len(splits["train"]), "test": len(splits["test"]),
+            "layout": "{train,test}/<class>/<index>.png"}
+    (out / "dataset.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
 from vislearn.data.shapes import make_shapes_on_photos  # noqa: E402 (shapes reads photo_collection lazily)
 
 MAKERS = {
     "digits_m": make_digits_m,
+    "digits_folders": make_digits_folders,
     "shapes_on_photos": make_shapes_on_photos,
 }

@@ -235,3 +235,42 @@ def collect_ground_truth(dataset):
                        "classes": element["classes"], "difficult": element["difficult"],
                        "height": height, "width": width})
     return truths
+
+
+def evaluate_detector(model, test, class_names, batch_size=16, score_threshold=0.005, iou_threshold=0.5,
+                      max_detections=100):
+    """`detection_metrics` of a detector on an unbatched dataset of detection elements.
+
+    Args:
+        model: has `detect(images, score_threshold, iou_threshold, max_detections)`
+            returning padded `detection_boxes` (`rel_yxyx` on its input),
+            `detection_scores`, `detection_classes` and `num_detections`.
+        test: elements at the model's input size (normalised boxes on the
+            resized image equal those on the original).
+        class_names: names of the class indices.
+        score_threshold, iou_threshold, max_detections: decoding settings
+            (a low score threshold, as mAP ranks every detection).
+
+    Returns:
+        dict with `map50`, `map` and `ap50_per_class` (`detection_metrics`).
+    """
+    import tensorflow as tf
+
+    from vislearn.data.detection import pad_batch
+
+    ground_truth, detections = [], []
+    detect = tf.function(lambda images: model.detect(images, score_threshold, iou_threshold, max_detections))
+    for batch in pad_batch(test, batch_size).as_numpy_iterator():
+        outputs = {k: v.numpy() for k, v in detect(tf.constant(batch["image"])).items()}
+        for i in range(len(batch["image"])):
+            n = int(outputs["num_detections"][i])
+            height, width = batch["image"].shape[1:3]
+            real = batch["classes"][i] >= 0  # pad_batch pads with class -1
+            ground_truth.append({"image_id": int(batch["image_id"][i]), "boxes": batch["boxes"][i][real],
+                                 "classes": batch["classes"][i][real], "difficult": batch["difficult"][i][real],
+                                 "height": height, "width": width})
+            detections.append({"image_id": int(batch["image_id"][i]),
+                               "boxes": outputs["detection_boxes"][i, :n],
+                               "scores": outputs["detection_scores"][i, :n],
+                               "classes": outputs["detection_classes"][i, :n]})
+    return detection_metrics(ground_truth, detections, class_names)

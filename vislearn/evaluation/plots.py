@@ -21,7 +21,8 @@ def plot_history(history_csv, out_png, title=""):
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         ax.plot(epochs, [float(r[name]) for r in rows], label="train")
-        if f"val_{name}" in rows[0] and rows[0][f"val_{name}"] != "":
+        # CSVLogger writes "NA" validation columns when a run has no validation data.
+        if f"val_{name}" in rows[0] and all(r[f"val_{name}"] not in ("", "NA") for r in rows):
             ax.plot(epochs, [float(r[f"val_{name}"]) for r in rows], label="validation")
         ax.set_title(name)
         ax.set_xlabel("epoch")

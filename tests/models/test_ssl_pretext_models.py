@@ -1,0 +1,157 @@
+"""Self-supervised pretext models: their steps, their pretext data, their configs."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import run_cli, two_step_fit
+from vislearn.config import ConfigError
+from vislearn.data import digits_ssl
+from vislearn.models import Autoencoder, ContextPrediction, ExemplarCNN, RotNet, Supervised
+from vislearn.models.context_prediction import NEIGHBOURS
+from vislearn.models.rotnet import rotate_batch
+
+TINY = {"name": "small_cnn", "width": 8, "depth": 2}
+
+
+@pytest.fixture(scope="module")
+def images(digits_folders_root):
+    data = digits_ssl(root=digits_folders_root, batch_size=16)
+    return data, next(iter(data.train))
+
+
+def _fit_and_round_trip(model, dataset, image_shape=(32, 32, 3)):
+    keras.utils.set_random_seed(0)
+    before = [w.copy() for w in model.encoder.get_weights()]
+    history = two_step_fit(model, dataset, optimizer=keras.optimizers.Adam(1e-3))
+    assert all(np.isfinite(v).all() for v in history.values()), history
+    assert any(not np.allclose(a, b) for a, b in zip(before, model.encoder.get_weights())), "encoder not trained"
+    clone = model.__class__.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    x = np.random.default_rng(0).random((2, *image_shape)).astype("float32")
+    np.testing.assert_allclose(model.encoder(x), clone.encoder(x), rtol=1e-5, atol=1e-6)
+    return history
+
+
+@pytest.mark.parametrize("corruption", [None, "masking", "gaussian"])
+def test_autoencoder_trains_and_reconstructs_the_image_shape(images, corruption):
+    data, batch = images
+    model = Autoencoder(backbone=TINY, code_size=8, decoder_width=4, corruption=corruption)
+    history = _fit_and_round_trip(model, data.train)
+    assert set(history) == {"loss", "mse"}
+    assert model(batch).shape == batch.shape
+
+
+def test_denoising_corruptions_mask_pixels_or_add_noise_and_keep_the_clean_image(images):
+    _, batch = images
+    masking = Autoencoder(backbone=TINY, corruption="masking", corruption_level=0.5)
+    corrupted = np.asarray(masking.corrupt(tf.ones_like(batch)))
+    assert 0.45 < 1 - corrupted.mean() < 0.55                               # ~half the pixels zeroed
+    assert np.all(corrupted.min(-1) == corrupted.max(-1))                   # a pixel, all its channels
+    gaussian = Autoencoder(backbone=TINY, corruption="gaussian", corruption_level=0.1)
+    noisy = np.asarray(gaussian.corrupt(tf.fill(batch.shape, 0.5)))
+    assert 0.08 < noisy.std() < 0.12 and noisy.min() >= 0 and noisy.max() <= 1
+    assert np.array_equal(Autoencoder(backbone=TINY).corrupt(batch), batch)
+    with pytest.raises(ValueError, match="model.corruption: expected one of"):
+        Autoencoder(corruption="salt")
+
+
+def test_rotations_are_made_inside_the_batch_with_their_labels(images):
+    data, batch = images
+    rotated, labels = rotate_batch(batch)
+    n = batch.shape[0]
+    assert rotated.shape[0] == 4 * n and list(np.asarray(labels)) == [k for k in range(4) for _ in range(n)]
+    np.testing.assert_array_equal(rotated[n:2 * n], np.rot90(np.asarray(batch), 1, axes=(1, 2)))
+    history = _fit_and_round_trip(RotNet(backbone=TINY, head_units=(16,)), data.train)
+    assert set(history) == {"loss", "rotation_accuracy"}
+    with pytest.raises(ValueError, match="square images"):
+        RotNet(image_shape=(32, 24, 3))
+
+
+def test_exemplar_classes_are_seed_indices_and_transformations_are_strong(digits_folders_root, images):
+    _, batch = images
+    data = digits_ssl(root=digits_folders_root, batch_size=16, train_targets="exemplars", num_exemplars=48)
+    model = ExemplarCNN(num_exemplars=48, backbone=TINY, head_units=(16,))
+    history = _fit_and_round_trip(model, data.train)
+    assert set(history) == {"loss", "exemplar_accuracy"} and model(batch).shape == (16, 48)
+    a, b = np.asarray(model.transform(batch)), np.asarray(model.transform(batch))
+    assert a.shape == batch.shape and 0 <= a.min() and a.max() <= 1
+    assert np.abs(a - b).mean() > 0.02 and np.abs(a - np.asarray(batch)).mean() > 0.02  # random, per call
+
+
+def test_context_pairs_come_from_the_labelled_grid_position():
+    # Pixel values encode their own coordinates, so a patch's mean says where it was cut.
+    size, p, g = 32, 9, 1
+    yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    coords = np.stack([yy, xx, np.zeros_like(yy)], -1).astype("float32") / (size - 1)
+    model = ContextPrediction(backbone=TINY, patch_size=p, gap=g, jitter=0, colour_handling=None)
+    centre, neighbour, labels = model.sample_pairs(tf.constant(np.repeat(coords[None], 64, 0)))
+    offset = (np.asarray(neighbour)[..., :2].mean((1, 2)) - np.asarray(centre)[..., :2].mean((1, 2))) * (size - 1)
+    expected = (np.array(NEIGHBOURS)[np.asarray(labels)] - 1) * (p + g)
+    np.testing.assert_allclose(offset, expected, atol=1e-3)
+    assert centre.shape == (64, 32, 32, 3) and len(set(np.asarray(labels))) > 4
+
+
+def test_context_prediction_trains_and_handles_colour(images):
+    data, batch = images
+    history = _fit_and_round_trip(ContextPrediction(backbone=TINY, fusion_units=16, colour_handling="drop"), data.train)
+    assert set(history) == {"loss", "position_accuracy"}
+    colour = tf.random.uniform((4, 32, 32, 3))
+    projected = ContextPrediction(backbone=TINY, colour_handling="project").handle_colour(colour)
+    np.testing.assert_allclose(np.asarray(projected) @ np.array([-1, 2, -1]) / 6**0.5, 0, atol=1e-5)
+    dropped = np.asarray(ContextPrediction(backbone=TINY, colour_handling="drop").handle_colour(colour))
+    for image in dropped:
+        spread = image.std((0, 1))                           # one channel keeps the image, two are faint noise
+        assert np.sort(spread)[-1] > 0.2 and np.sort(spread)[1] < 0.01
+
+
+def test_images_smaller_than_the_grid_name_the_size():
+    with pytest.raises(ConfigError, match=r"images of 24x24 are smaller than the 3x3 grid \(31x31"):
+        ContextPrediction(image_shape=(24, 24, 3), patch_size=9, gap=1, jitter=1)
+
+
+def test_supervised_baseline_trains_with_labels(digits_folders_root):
+    data = digits_ssl(root=digits_folders_root, batch_size=16, train_targets="labels")
+    history = _fit_and_round_trip(Supervised(backbone=TINY), data.train)
+    assert set(history) == {"loss", "accuracy"}
+
+
+MIRRORED_SCRIPT = """
+import keras, numpy as np
+from vislearn.distribute import make_strategy
+from vislearn.data import digits_ssl
+from vislearn.models import Autoencoder, ContextPrediction, ExemplarCNN, RotNet, Supervised
+tiny = {"name": "small_cnn", "width": 8, "depth": 2}
+strategy = make_strategy("mirrored")
+assert strategy.num_replicas_in_sync == 2
+plain = digits_ssl(root=ROOT, batch_size=16)
+cases = [(lambda: Autoencoder(backbone=tiny, code_size=8, corruption="masking"), plain),
+         (lambda: RotNet(backbone=tiny), plain), (lambda: ContextPrediction(backbone=tiny), plain),
+         (lambda: ExemplarCNN(num_exemplars=32, backbone=tiny),
+          digits_ssl(root=ROOT, batch_size=16, train_targets="exemplars", num_exemplars=32)),
+         (lambda: Supervised(backbone=tiny), digits_ssl(root=ROOT, batch_size=16, train_targets="labels"))]
+for make, data in cases:
+    with strategy.scope():
+        model = make()
+        model.build((None, 32, 32, 3))
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(data.train, steps_per_epoch=2, epochs=1, verbose=0).history
+    assert all(np.isfinite(v).all() for v in history.values()), history
+    print(type(model).__name__, "ok")
+"""
+
+
+def test_every_method_fits_under_mirrored_strategy_on_two_logical_cpus(digits_folders_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT.replace("ROOT", repr(str(digits_folders_root))))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, VISLEARN_LOGICAL_CPUS="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" ok") == 5

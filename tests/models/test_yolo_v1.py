@@ -1,0 +1,181 @@
+"""YOLOv1: layouts, target encoding, decoding + NMS, plain model.fit, and fit through the CLI."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import run_cli
+from vislearn.data import shapes_on_photos
+from vislearn.losses.yolo_v1 import encode_yolo_v1_targets, yolo_v1_training_pair
+from vislearn.models.yolo_v1 import YoloV1, decode_yolo_v1, encode_yolo_v1_batch
+
+TINY = dict(width_multiplier=0.0625, batch_norm=True, fc_units=32)
+
+
+def _layers_of(model, kind):
+    return [layer for layer in model.features.layers if isinstance(layer, kind)]
+
+
+@pytest.mark.parametrize("backbone, convs", [("darknet24", 24), ("fast_yolo", 9)])
+def test_paper_layouts(backbone, convs):
+    model = YoloV1(num_classes=20, image_shape=(448, 448, 3), backbone=backbone, width_multiplier=0.0625,
+                   fc_units=64)
+    assert len(_layers_of(model, keras.layers.Conv2D)) == convs
+    assert {layer.negative_slope for layer in _layers_of(model, keras.layers.LeakyReLU)} == {0.1}
+    assert model.features.output_shape[1:3] == (7, 7)  # 448 / 64
+    head = [layer.__class__.__name__ for layer in model.head.layers]
+    assert head == ["Flatten", "Dense", "LeakyReLU", "Dropout", "Dense", "Reshape"]
+    assert model.head.get_layer("dropout").rate == 0.5
+    assert model.head.get_layer("fc2").activation.__name__ == "linear"
+    grid = model(np.zeros((1, 448, 448, 3), "float32"))
+    assert grid.shape == (1, 7, 7, 2 * 5 + 20)  # 7 x 7 x 30 for VOC
+
+
+def test_paper_darknet24_filter_counts():
+    """The full-width layout, checked without building its 4096-unit FC layer."""
+    from vislearn.models.yolo_v1 import DARKNET24, darknet_features
+
+    features = darknet_features(DARKNET24, (448, 448, 3))
+    convs = [layer for layer in features.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [c.filters for c in convs[:6]] == [64, 192, 128, 256, 256, 512]
+    assert (convs[0].kernel_size, convs[0].strides) == ((7, 7), (2, 2))
+    assert features.output_shape == (None, 7, 7, 1024)
+
+
+def test_any_vislearn_backbone_is_cut_before_its_pooling():
+    model = YoloV1(num_classes=3, image_shape=(64, 64, 3), backbone={"name": "small_cnn", "width": 8},
+                   grid_size=4, num_boxes=1, fc_units=16)
+    assert len(model.features.output_shape) == 4
+    assert model(np.zeros((2, 64, 64, 3), "float32")).shape == (2, 4, 4, 1 * 5 + 3)
+
+
+def test_batched_encoder_matches_the_per_image_encoder():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        n = int(rng.integers(0, 7))
+        corner = rng.uniform(0, 0.7, (n, 2))
+        boxes = np.concatenate([corner, corner + rng.uniform(0.02, 0.3, (n, 2))], axis=1).astype("float32")
+        classes = rng.integers(0, 4, n).astype("int32")
+        difficult = rng.random(n) < 0.3
+        padded_boxes = np.zeros((1, 8, 4), "float32")
+        padded_boxes[0, :n] = boxes
+        padded_classes = np.full((1, 8), -1, "int32")
+        padded_classes[0, :n] = classes
+        padded_difficult = np.zeros((1, 8), bool)
+        padded_difficult[0, :n] = difficult
+        batched = encode_yolo_v1_batch(padded_boxes, padded_classes, 7, 4, padded_difficult)[0]
+        single = encode_yolo_v1_targets(boxes, classes, 7, 4, difficult)
+        np.testing.assert_allclose(batched, single, atol=1e-6)
+
+
+def _grid_with(boxes_and_classes, s=7, b=2, c=3):
+    """A grid output holding the given (rel_yxyx box, class, confidence) in predictor 0 of its cell."""
+    grid = np.zeros((1, s, s, b * 5 + c), "float32")
+    for (ymin, xmin, ymax, xmax), cls, confidence in boxes_and_classes:
+        cy, cx = (ymin + ymax) / 2, (xmin + xmax) / 2
+        row, col = int(cy * s), int(cx * s)
+        grid[0, row, col, :5] = [cx * s - col, cy * s - row, np.sqrt(xmax - xmin), np.sqrt(ymax - ymin), confidence]
+        grid[0, row, col, b * 5 + cls] = 1.0
+    return grid
+
+
+def test_decoder_recovers_boxes_and_runs_per_class_nms():
+    box = [0.30, 0.30, 0.60, 0.50]
+    shifted = [0.32, 0.31, 0.62, 0.52]  # overlaps `box` (IoU ~0.8), centre in another cell
+    grid = _grid_with([(box, 1, 0.9), (shifted, 1, 0.8), ([0.05, 0.6, 0.25, 0.9], 2, 0.7)])
+    out = {k: v.numpy() for k, v in decode_yolo_v1(grid, 2, 3, score_threshold=0.1, iou_threshold=0.5).items()}
+    n = out["num_detections"][0]
+    assert n == 2  # the overlapping duplicate of class 1 is suppressed
+    np.testing.assert_allclose(out["detection_boxes"][0, 0], box, atol=1e-5)
+    assert out["detection_classes"][0, :2].tolist() == [1, 2]
+    np.testing.assert_allclose(out["detection_scores"][0, :2], [0.9, 0.7], atol=1e-6)
+    assert out["detection_boxes"].shape == (1, 100, 4) and (out["detection_scores"][0, n:] == 0).all()
+
+    # NMS is per class: the same overlap with another class survives.
+    grid = _grid_with([(box, 1, 0.9), (shifted, 0, 0.8)])
+    assert decode_yolo_v1(grid, 2, 3, score_threshold=0.1)["num_detections"].numpy()[0] == 2
+
+
+def test_config_round_trip_rebuilds_the_same_model():
+    model = YoloV1(num_classes=4, image_shape=(64, 64, 3), grid_size=4, backbone="fast_yolo", **TINY)
+    clone = YoloV1.from_config(json.loads(json.dumps(model.get_config())))
+    clone.set_weights(model.get_weights())
+    x = np.random.default_rng(0).random((2, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(model(x), clone(x), rtol=1e-5, atol=1e-6)
+    assert clone.grid_size == 4 and clone.backbone_spec == "fast_yolo"
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="model.grid_size: expected a positive integer"):
+        YoloV1(grid_size=0)
+    with pytest.raises(ValueError, match="backbone.name: unknown backbone 'darknet'"):
+        YoloV1(backbone="darknet", image_shape=(64, 64, 3))
+
+
+def test_plain_model_fit_in_a_user_script(data_home):
+    """Ordinary Keras: padded dict batches from the data builder, or (image, target) pairs."""
+    keras.utils.set_random_seed(0)
+    data = shapes_on_photos(image_size=(64, 64), batch_size=4, n_train=12, n_test=4, source_size=64)
+    model = YoloV1(num_classes=data.num_classes, image_shape=data.image_shape, grid_size=4, **TINY)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(data.train, steps_per_epoch=2, epochs=1, validation_data=data.validation, verbose=0)
+    assert set(history.history) == {"loss", "val_loss"}
+    assert all(np.isfinite(v).all() for v in history.history.values())
+
+    pairs = data.test.map(lambda e: yolo_v1_training_pair(e, 4, data.num_classes)).batch(4)
+    assert np.isfinite(model.fit(pairs, epochs=1, verbose=0).history["loss"][0])
+    detections = model.detect(next(iter(data.validation))["image"])
+    assert detections["detection_boxes"].shape == (4, 100, 4)
+
+
+def test_fit_under_mirrored_strategy_on_two_logical_cpus(data_home, tmp_path):
+    run_dir = tmp_path / "mirrored"
+    result = run_cli("fit", "yolo_shapes", "--run-dir", run_dir, *_tiny_overrides(steps=2),
+                     "--strategy", "mirrored", env={"VISLEARN_LOGICAL_CPUS": "2", "VISLEARN_DATA": str(data_home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MirroredStrategy" in result.stderr
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "nan" not in history[1]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"map50", "map", "ap50_per_class"}
+    assert set(metrics["ap50_per_class"]) == {"circle", "square", "triangle", "star", "cross"}
+    evaluated = run_cli("evaluate", run_dir, "--json", env={"VISLEARN_DATA": str(data_home)})
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert set(json.loads(evaluated.stdout)) == {"map50", "map", "ap50_per_class"}
+
+
+def _tiny_overrides(steps=None, epochs=1, image=64, n_train=48, n_test=24):
+    overrides = ["model.width_multiplier=0.0625", "model.fc_units=32", "model.grid_size=4",
+                 f"data.image_size=[{image},{image}]", "data.batch_size=8", f"data.n_train={n_train}",
+                 f"data.n_test={n_test}", "data.source_size=96", f"train.epochs={epochs}"]
+    if steps:
+        overrides.append(f"train.steps_per_epoch={steps}")
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def test_recipe_errors_are_one_line(tmp_path):
+    result = run_cli("fit", "yolo_shapes", "--run-dir", tmp_path / "r", "--set", "model.grid=7")
+    assert result.returncode == 2 and "model.grid: unknown key (did you mean 'grid_size'?)" in result.stderr
+    result = run_cli("fit", "yolo_shapes", "--run-dir", tmp_path / "r", "--set", "export.resize=crop")
+    assert result.returncode == 2 and "export.resize" in result.stderr
+    result = run_cli("fit", "yolo_shapes", "--run-dir", tmp_path / "r", "--set", "export.max_det=3")
+    assert result.returncode == 2 and "export.max_det: unknown key" in result.stderr
+    result = run_cli("fit", "yolo_v1_voc", "--run-dir", tmp_path / "v", "--set", "data.root=/nonexistent/VOC2007")
+    assert result.returncode == 2 and "/nonexistent/VOC2007 does not exist" in result.stderr
+
+
+@pytest.mark.slow
+def test_short_fit_reaches_map50_well_above_chance(data_home, tmp_path):
+    """A ~2-minute CLI run on shapes on photos: random boxes score map50 ~0."""
+    run_dir = tmp_path / "learn"
+    result = run_cli("fit", "yolo_shapes", "--run-dir", run_dir,
+                     *_tiny_overrides(epochs=12, image=96, n_train=200, n_test=60),
+                     "--set", "model.width_multiplier=0.125", "--set", "model.fc_units=256",
+                     "--set", "model.grid_size=6",
+                     env={"VISLEARN_DATA": str(data_home)}, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["map50"] > 0.2, metrics

@@ -1,0 +1,156 @@
+"""Unlabelled image streams for self-supervised pretraining, plus labelled probe splits.
+
+Every builder here returns an `UnlabelledData`. Its `train` dataset yields
+batches of images only (float [0, 1]); the labels of the pretraining images
+are never read. The labelled `probe_train` / `probe_test` splits are used
+only by the evaluation protocol (linear probe, kNN) and the online kNN
+monitor. Two methods need targets on the training stream, and ask for them
+through keys vislearn fills in (not recipe keys):
+
+- `train_targets="labels"`: `(image, class)` batches, for the supervised baseline;
+- `train_targets="exemplars"` with `num_exemplars=N`: N seed images drawn once
+  (fixed by `seed`), each its own surrogate class: `(image, exemplar index)`.
+"""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from vislearn.config import ConfigError
+from vislearn.data.folders import IMAGE_SUFFIXES, check_images, decode_image, image_folder
+from vislearn.data.make import default_data_home, make_digits_folders
+
+# Builder keys that vislearn fills in from the method, never from a recipe.
+METHOD_KEYS = ("train_targets", "num_exemplars")
+TRAIN_TARGETS = (None, "labels", "exemplars")
+
+
+@dataclasses.dataclass
+class UnlabelledData:
+    train: tf.data.Dataset              # infinite, batched images (or (image, target), see above)
+    steps_per_epoch: int
+    probe_train: tf.data.Dataset | None  # batched (image, label), or None without probe folders
+    probe_test: tf.data.Dataset | None
+    num_classes: int
+    image_shape: tuple
+    class_names: list
+    counts: dict
+
+
+def _options():
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
+def _train_stream(images, labels, batch_size, seed, train_targets, num_exemplars):
+    """Shuffled, repeated, batched training stream; drops labels unless asked."""
+    if train_targets not in TRAIN_TARGETS:
+        raise ConfigError(f"train_targets: expected one of {TRAIN_TARGETS}, received {train_targets!r}")
+    count = len(images)
+    if train_targets == "exemplars":
+        num_exemplars = int(num_exemplars or 0)
+        if not 0 < num_exemplars <= count:
+            raise ConfigError(f"model.num_exemplars: {num_exemplars} must be between 1 and the "
+                              f"{count} training images")
+        chosen = np.random.default_rng(seed).choice(count, num_exemplars, replace=False)
+        images = tf.gather(images, chosen)
+        labels = tf.range(num_exemplars, dtype=tf.int64)
+        count = num_exemplars
+    if count < batch_size:
+        raise ConfigError(f"data.batch_size: {batch_size} is larger than the training set ({count} images)")
+    dataset = tf.data.Dataset.from_tensor_slices(images if train_targets is None else (images, labels))
+    dataset = dataset.shuffle(count, seed=seed).repeat().batch(batch_size, drop_remainder=True)
+    return dataset.with_options(_options()).prefetch(tf.data.AUTOTUNE), math.ceil(count / batch_size)
+
+
+def _load(dataset):
+    images, labels = [], []
+    for image, label in dataset.batch(256):
+        images.append(image.numpy())
+        labels.append(label.numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _probe(dataset, batch_size):
+    return None if dataset is None else dataset.batch(batch_size).with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+
+def digits_ssl(root=None, image_size=(32, 32), batch_size=64, make_seed=0, seed=0,
+               train_targets=None, num_exemplars=None):
+    """scikit-learn's real handwritten digits for self-supervised pretraining.
+
+    The train split is the unlabelled pretraining set and, with its labels,
+    the probe's training split; the test split is the probe's test split.
+
+    Args:
+        root: folder made by `vislearn data make digits_folders` (`train/` and
+            `test/` class-per-folder trees); when null it is made on first use
+            under `$VISLEARN_DATA` (default ~/.cache/vislearn).
+        image_size: [height, width] images are resized to.
+        batch_size: global batch size.
+        make_seed: seed of the train/test split when the set is made.
+    """
+    if root is None:
+        root = default_data_home() / f"digits_folders-{make_seed}"
+        if not (root / "dataset.json").exists():
+            make_digits_folders(root, seed=make_seed)
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root: {root} does not exist "
+                          f"(make it with `vislearn data make digits_folders --out {root}`)")
+    image_size = tuple(image_size)
+    train, class_names, n_train = image_folder(root / "train", image_size)
+    test, _, n_test = image_folder(root / "test", image_size, class_names)
+    images, labels = _load(train)
+    stream, steps = _train_stream(images, labels, batch_size, seed, train_targets, num_exemplars)
+    return UnlabelledData(
+        train=stream, steps_per_epoch=steps,
+        probe_train=_probe(tf.data.Dataset.from_tensor_slices((images, labels)), batch_size),
+        probe_test=_probe(test.cache(), batch_size),
+        num_classes=len(class_names), image_shape=(*image_size, 3), class_names=class_names,
+        counts={"train": n_train, "probe_train": n_train, "probe_test": n_test})
+
+
+def image_folders(root, image_size=(32, 32), batch_size=64, probe_train=None, probe_test=None,
+                  skip_corrupt=False, seed=0, train_targets=None, num_exemplars=None):
+    """A user's unlabelled images (every image under `root`, any nesting).
+
+    Args:
+        root: folder of images; sub-folders are read recursively and their
+            names are ignored.
+        image_size: [height, width] images are resized to.
+        batch_size: global batch size.
+        probe_train, probe_test: optional class-per-folder trees
+            (`<root>/<class>/<image>`) for the linear probe and kNN; without
+            them `linear_top1` and `knn_top1` are not computed.
+        skip_corrupt: drop (and count) undecodable images instead of failing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root: {root} is not a folder of images")
+    paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ConfigError(f"data.root: {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if train_targets == "labels":
+        raise ConfigError("data.name: image_folders has no labels; the supervised method needs a labelled set")
+    kept, _ = check_images(paths, skip_corrupt)
+    paths = [paths[i] for i in kept]
+    image_size = tuple(image_size)
+    size = list(image_size)
+    images = np.stack([decode_image(tf.io.read_file(p), size).numpy() for p in paths])
+    stream, steps = _train_stream(images, np.zeros(len(images), np.int64), batch_size, seed,
+                                  train_targets, num_exemplars)
+    class_names, sets, counts = [], {}, {"train": len(paths)}
+    if (probe_train is None) != (probe_test is None):
+        raise ConfigError("data.probe_train / data.probe_test: give both class-per-folder trees or neither")
+    if probe_train is not None:
+        sets["probe_train"], class_names, counts["probe_train"] = image_folder(probe_train, image_size)
+        sets["probe_test"], _, counts["probe_test"] = image_folder(probe_test, image_size, class_names)
+    return UnlabelledData(
+        train=stream, steps_per_epoch=steps,
+        probe_train=_probe(sets.get("probe_train"), batch_size), probe_test=_probe(sets.get("probe_test"), batch_size),
+        num_classes=len(class_names), image_shape=(*image_size, 3), class_names=class_names, counts=counts)
