@@ -61,7 +61,7 @@ def test_cli_reports_recipe_errors_in_one_line_with_exit_code_2(tmp_path):
     lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert lines == [f"error: {path}: model.num_clases: unknown key (did you mean 'num_classes'?); "
                      "expected one of ['backbone', 'domain_loss_weight', 'domain_units', 'dropout', 'gamma', "
-                     "'image_shape', 'label_units', 'mode', 'num_classes', 'total_steps']"]
+                     "'image_shape', 'label_units', 'lambda_max', 'mode', 'num_classes', 'total_steps']"]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 

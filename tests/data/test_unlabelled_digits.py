@@ -50,9 +50,11 @@ def test_image_folders_reads_nested_unlabelled_images(digits_folders_root, tmp_p
                                            probe_train=digits_folders_root / "train",
                                            probe_test=digits_folders_root / "test")
     assert with_probe.num_classes == 10
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no images"):
-        DATASETS["image_folders"](root=tmp_path / "mine" / "nested" / ".." / ".." / "empty"
-                                  if (tmp_path / "empty").mkdir() is None else None)
+        DATASETS["image_folders"](root=tmp_path / "empty")
+    with pytest.raises(ConfigError, match="give both class-per-folder trees or neither"):
+        DATASETS["image_folders"](root=tmp_path / "mine", batch_size=8, probe_train=digits_folders_root / "train")
 
 
 def test_data_make_cli(tmp_path):

@@ -63,6 +63,8 @@ class DANN(keras.Model):
             or `"train_on_target"` (same as source_only; the data pipeline
             supplies labelled target images, the oracle of the paper's table).
         gamma: steepness of the GRL coefficient schedule (paper: 10).
+        lambda_max: value the GRL coefficient rises to (paper: 1); larger
+            values push the features harder towards domain confusion.
         total_steps: training steps over which progress p goes from 0 to 1;
             `vislearn fit` fills it in from the recipe.
         domain_loss_weight: weight of the domain loss in the total loss.
@@ -89,6 +91,7 @@ class DANN(keras.Model):
         dropout=0.0,
         mode="dann",
         gamma=10.0,
+        lambda_max=1.0,
         total_steps=1000,
         domain_loss_weight=1.0,
         **kwargs,
@@ -106,6 +109,7 @@ class DANN(keras.Model):
         self.dropout = float(dropout)
         self.mode = mode
         self.gamma = float(gamma)
+        self.lambda_max = float(lambda_max)
         self.total_steps = int(total_steps)
         self.domain_loss_weight = float(domain_loss_weight)
 
@@ -155,7 +159,10 @@ class DANN(keras.Model):
 
         # GRL coefficient from training progress, set before the forward pass.
         progress = tf.minimum(tf.cast(self.optimizer.iterations, "float32") / self.total_steps, 1.0)
-        coefficient = grl_lambda(progress, self.gamma) if self.mode == "dann" else tf.constant(0.0)
+        if self.mode == "dann":
+            coefficient = self.lambda_max * grl_lambda(progress, self.gamma)
+        else:
+            coefficient = tf.constant(0.0)
         self.gradient_reversal.lambda_.assign(coefficient)
 
         n_source = tf.shape(source_images)[0]
@@ -203,6 +210,7 @@ class DANN(keras.Model):
             dropout=self.dropout,
             mode=self.mode,
             gamma=self.gamma,
+            lambda_max=self.lambda_max,
             total_steps=self.total_steps,
             domain_loss_weight=self.domain_loss_weight,
         )
