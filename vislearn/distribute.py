@@ -100,3 +100,18 @@ def step_logs(metrics):
     if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
     return logs
+
+
+def build_optimizer_state(model):
+    """What a model built in its constructor needs from Keras' pre-fit build.
+
+    Before `fit` under a strategy, Keras calls the model on one (replica-
+    averaged) data batch to build it; that fails for dict batches under
+    multi-worker training, so vislearn's models override
+    `_maybe_symbolic_build` with this instead. The optimizer's slots must
+    still be created here, under the strategy's scope: created later inside
+    the distributed step they break it.
+    """
+    if model.optimizer is not None and not model.optimizer.built:
+        with model.distribute_strategy.scope():
+            model.optimizer.build(model.trainable_variables)

@@ -26,7 +26,7 @@ from keras import layers
 
 from vislearn.backbones import build_backbone
 from vislearn.config import ConfigError
-from vislearn.distribute import step_logs
+from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 
 COLOUR_HANDLING = (None, "project", "drop")
@@ -115,7 +115,7 @@ class ContextPrediction(keras.Model):
         self.built = True
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        self.built = True
+        build_optimizer_state(self)  # every layer is built in __init__
 
     def sample_pairs(self, images):
         """Cut a (centre, neighbour) patch pair from each image of a batch.

@@ -18,7 +18,7 @@ import tensorflow as tf
 from keras import layers
 
 from vislearn.backbones import build_backbone
-from vislearn.distribute import step_logs
+from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.layers import GradientReversal
 from vislearn.losses import per_replica_mean
 
@@ -121,6 +121,7 @@ class DANN(keras.Model):
         # Build the heads now: the train step calls them on slices of a batch.
         self.label_classifier.build(self.feature_extractor.output_shape)
         self.domain_classifier.build(self.feature_extractor.output_shape)
+        self.built = True
 
         self.label_loss_fn = keras.losses.SparseCategoricalCrossentropy()
         self.domain_loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
@@ -140,12 +141,7 @@ class DANN(keras.Model):
         return self.domain_classifier(features, training=training)[:, 0]
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras' generic pre-build first averages one data batch across
-        # replicas, which MultiWorkerMirroredStrategy cannot do for dict
-        # batches. DANN's layers are all built by `build`, so skip it then.
-        if self.built:
-            return
-        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        build_optimizer_state(self)  # every layer is built in __init__
 
     @property
     def metrics(self):

@@ -21,7 +21,7 @@ import tensorflow as tf
 from keras import layers
 
 from vislearn.backbones import build_backbone
-from vislearn.distribute import step_logs
+from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 
 
@@ -123,9 +123,7 @@ class ExemplarCNN(keras.Model):
         return tf.clip_by_value(x, 0.0, 1.0)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if self.built:  # every layer is built in __init__
-            return
-        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        build_optimizer_state(self)  # every layer is built in __init__
 
     @property
     def metrics(self):

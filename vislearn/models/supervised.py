@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras import layers
 
 from vislearn.backbones import build_backbone
-from vislearn.distribute import step_logs
+from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 
 
@@ -60,9 +60,7 @@ class Supervised(keras.Model):
         return self.head(self.encoder(images, training=training), training=training)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if self.built:  # every layer is built in __init__
-            return
-        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        build_optimizer_state(self)  # every layer is built in __init__
 
     @property
     def metrics(self):

@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras import layers
 
 from vislearn.backbones import build_backbone
-from vislearn.distribute import step_logs
+from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 from vislearn.losses.yolo_v1 import YoloV1Loss
 
@@ -306,6 +306,7 @@ class YoloV1(keras.Model):
         # Keras' generic pre-build would call the model on the whole (dict) batch.
         if not self.built:
             self.build()
+        build_optimizer_state(self)
 
     @property
     def metrics(self):
