@@ -74,6 +74,9 @@ def _dann_export(model, path, data, options):
     return export_classifier(model, path, data.image_shape, data.class_names)
 
 
+RESIZE_MODES = ("stretch", "letterbox")
+
+
 def detector_export_section(name="model", score_threshold=0.25, iou_threshold=0.45, max_detections=100,
                             resize="stretch"):
     """`export:` keys of detectors (see `vislearn.export.export_detector`)."""
@@ -349,7 +352,11 @@ def validate(recipe, source):
     check_arguments(distribute_section, distribute, f"{source}: distribute")
     if distribute.get("strategy", "auto") not in STRATEGIES:
         pick({s: s for s in STRATEGIES}, distribute.get("strategy"), f"{source}: distribute.strategy")
-    check_arguments(method.export_options, recipe.get("export") or {}, f"{source}: export")
+    export = recipe.get("export") or {}
+    check_arguments(method.export_options, export, f"{source}: export")
+    if "resize" in export and export["resize"] not in RESIZE_MODES:
+        raise ConfigError(f"{source}: export.resize: expected one of {list(RESIZE_MODES)}, "
+                          f"received {export['resize']!r}")
 
 
 # ---------------------------------------------------------------- building

@@ -144,10 +144,6 @@ for make, data in cases:
 """
 
 
-@pytest.mark.xfail(reason="in this tree every custom train_step (DANN's too: tests/models/test_dann.py) fails "
-                          "under MirroredStrategy on 2 logical CPUs with 'You must feed a value for placeholder "
-                          "cond/Placeholder' in Keras' multi_step_on_iterator; a plain compiled Keras model works",
-                   strict=False)
 def test_every_method_fits_under_mirrored_strategy_on_two_logical_cpus(digits_folders_root, tmp_path):
     import os
     import subprocess
