@@ -48,17 +48,23 @@ def export_section(name="model"):
 # ---------------------------------------------------------------- methods
 
 
-def _dann_model_args(model_args, data, total_steps):
+def _fill_from_data(model_args, data, keys=("num_classes", "image_shape")):
+    """Fill in the model arguments the data determines; a recipe value that
+    disagrees with the data is an error."""
     filled = dict(model_args)
-    filled.setdefault("num_classes", data.num_classes)
-    filled.setdefault("image_shape", list(data.image_shape))
+    for key in keys:
+        value = list(data.image_shape) if key == "image_shape" else data.num_classes
+        filled.setdefault(key, value)
+        given = list(filled[key]) if key == "image_shape" else filled[key]
+        if given != value:
+            hint = " (set data.image_size instead)" if key == "image_shape" else " classes"
+            raise ConfigError(f"model.{key}: {filled[key]} does not match the data's {value}{hint}")
+    return filled
+
+
+def _dann_model_args(model_args, data, total_steps):
+    filled = _fill_from_data(model_args, data)
     filled.setdefault("total_steps", total_steps)
-    if filled["num_classes"] != data.num_classes:
-        raise ConfigError(f"model.num_classes: {filled['num_classes']} does not match the data's "
-                          f"{data.num_classes} classes")
-    if list(filled["image_shape"]) != list(data.image_shape):
-        raise ConfigError(f"model.image_shape: {filled['image_shape']} does not match the data's "
-                          f"{list(data.image_shape)} (set data.image_size instead)")
     return filled
 
 
@@ -83,16 +89,7 @@ def detector_export_section(name="model", score_threshold=0.25, iou_threshold=0.
 
 
 def _yolo_model_args(model_args, data, total_steps):
-    filled = dict(model_args)
-    filled.setdefault("num_classes", data.num_classes)
-    filled.setdefault("image_shape", list(data.image_shape))
-    if filled["num_classes"] != data.num_classes:
-        raise ConfigError(f"model.num_classes: {filled['num_classes']} does not match the data's "
-                          f"{data.num_classes} classes")
-    if list(filled["image_shape"]) != list(data.image_shape):
-        raise ConfigError(f"model.image_shape: {filled['image_shape']} does not match the data's "
-                          f"{list(data.image_shape)} (set data.image_size instead)")
-    return filled
+    return _fill_from_data(model_args, data)
 
 
 def _detector_metrics(model, data):
@@ -109,21 +106,11 @@ def _detector_export(model, path, data, options):
 
 
 def _image_shape_args(model_args, data, total_steps):
-    filled = dict(model_args)
-    filled.setdefault("image_shape", list(data.image_shape))
-    if list(filled["image_shape"]) != list(data.image_shape):
-        raise ConfigError(f"model.image_shape: {filled['image_shape']} does not match the data's "
-                          f"{list(data.image_shape)} (set data.image_size instead)")
-    return filled
+    return _fill_from_data(model_args, data, keys=("image_shape",))
 
 
 def _supervised_model_args(model_args, data, total_steps):
-    filled = _image_shape_args(model_args, data, total_steps)
-    filled.setdefault("num_classes", data.num_classes)
-    if filled["num_classes"] != data.num_classes:
-        raise ConfigError(f"model.num_classes: {filled['num_classes']} does not match the data's "
-                          f"{data.num_classes} classes")
-    return filled
+    return _fill_from_data(model_args, data)
 
 
 def _exemplar_data_args(model):
