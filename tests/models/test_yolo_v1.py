@@ -140,9 +140,6 @@ def test_plain_model_fit_in_a_user_script(data_home):
     assert detections["detection_boxes"].shape == (4, 100, 4)
 
 
-@pytest.mark.xfail(reason="known open issue: under MirroredStrategy the step fails with 'You must feed a "
-                          "value for placeholder tensor .../cond/Placeholder' (not yet diagnosed)",
-                   strict=False, run=False)
 def test_fit_under_mirrored_strategy_on_two_logical_cpus(data_home, tmp_path):
     run_dir = tmp_path / "mirrored"
     result = run_cli("fit", "yolo_shapes", "--run-dir", run_dir, *_tiny_overrides(steps=2),
