@@ -42,6 +42,13 @@ def read_metadata(path):
     return json.loads(file.read_text()) if file.exists() else {}
 
 
+def decode_batch(images, image_shape):
+    """A batch of encoded images (string [batch]) -> float32 [batch, H, W, C] in [0, 1]."""
+    height, width, channels = image_shape
+    return tf.map_fn(lambda data: decode_image(data, [height, width], channels), images,
+                     fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
+
+
 def export_classifier(model, path, image_shape, class_names):
     """Export an image classifier.
 
@@ -60,9 +67,7 @@ def export_classifier(model, path, image_shape, class_names):
         return {"probabilities": probabilities, "classes": classes, "labels": tf.gather(names, classes)}
 
     def from_bytes(images):
-        decoded = tf.map_fn(lambda data: decode_image(data, [height, width], channels), images,
-                            fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
-        return outputs(decoded)
+        return outputs(decode_batch(images, image_shape))
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -185,9 +190,7 @@ def export_image_embedder(encoder, path, image_shape, description=""):
         return {"embeddings": tf.math.l2_normalize(tf.cast(features, tf.float32), axis=-1)}
 
     def from_bytes(images):
-        decoded = tf.map_fn(lambda data: decode_image(data, [height, width], channels), images,
-                            fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
-        return embed(decoded)
+        return embed(decode_batch(images, image_shape))
 
     archive = keras.export.ExportArchive()
     archive.track(encoder)
