@@ -29,6 +29,19 @@ def test_digits_ssl_stream_has_no_labels_and_probe_splits_have_them(digits_folde
     assert data.steps_per_epoch == 40 and data.num_classes == 10
 
 
+def test_few_labels_probe_is_class_balanced_and_seeded(digits_folders_root):
+    data = DATASETS["digits_ssl"](root=digits_folders_root, batch_size=32, probe_labels_per_class=10)
+    labels = np.concatenate([batch_labels.numpy() for _, batch_labels in data.probe_train])
+    assert data.counts["probe_train"] == 100 and np.bincount(labels).tolist() == [10] * 10
+    again = DATASETS["digits_ssl"](root=digits_folders_root, batch_size=32, probe_labels_per_class=10)
+    first, second = next(iter(data.probe_train))[0], next(iter(again.probe_train))[0]
+    assert np.array_equal(first.numpy(), second.numpy())
+    with pytest.raises(ConfigError, match="probe_labels_per_class: 500 is more than"):
+        DATASETS["digits_ssl"](root=digits_folders_root, probe_labels_per_class=500)
+    with pytest.raises(ConfigError, match="probe_labels_per_class: expected a positive integer"):
+        DATASETS["digits_ssl"](root=digits_folders_root, probe_labels_per_class=0)
+
+
 def test_targets_for_supervised_and_exemplar_streams(digits_folders_root):
     labelled = DATASETS["digits_ssl"](root=digits_folders_root, batch_size=16, train_targets="labels")
     _, labels = next(iter(labelled.train))

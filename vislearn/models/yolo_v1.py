@@ -69,7 +69,10 @@ def darknet_features(layout, input_shape, width_multiplier=1.0, batch_norm=False
         x = layers.Conv2D(max(4, int(round(filters * width_multiplier))), kernel, strides=stride,
                           padding="same", use_bias=not batch_norm, name=f"conv{conv}")(x)
         if batch_norm:
-            x = layers.BatchNormalization(name=f"bn{conv}")(x)
+            # Momentum 0.9 (PyTorch's 0.1), not Keras' 0.99: runs of a few
+            # thousand steps move the weights faster than a 100-step average
+            # follows, and stale moving variances wreck inference-mode output.
+            x = layers.BatchNormalization(momentum=0.9, name=f"bn{conv}")(x)
         x = layers.LeakyReLU(negative_slope=0.1, name=f"leaky{conv}")(x)
     return keras.Model(inputs, x, name=name)
 
