@@ -153,6 +153,30 @@ def data_make_command(name, out, seed, file_format):
     click.echo(str(out))
 
 
+@main.group("index")
+def index_group():
+    """Embedding lookups: a gallery's vectors baked into a servable model."""
+
+
+@index_group.command("build")
+@click.argument("run_dir", type=click.Path())
+@click.option("--images", type=click.Path(), help="Gallery folder of images (answers lookup_text).")
+@click.option("--captions", type=click.Path(), help="Gallery of captions: .txt, one per line, or Karpathy "
+              ".json (answers lookup_image).")
+@click.option("--out", "base", required=True, type=click.Path(file_okay=False), help="Export base dir.")
+@click.option("--name", required=True, help="Model name.")
+@click.option("--version", type=int, help="Version number (default: next free).")
+@click.option("--chunk-size", default=32768, show_default=True, type=int, help="Index rows per matmul chunk.")
+@user_errors
+def index_build_command(run_dir, images, captions, base, name, version, chunk_size):
+    """Embed a gallery with RUN_DIR's image-text model; write a lookup SavedModel BASE/NAME/VERSION."""
+    from vislearn.index import build_index
+
+    if chunk_size < 1:
+        raise click.BadParameter(f"expected a positive integer, received {chunk_size}", param_hint="--chunk-size")
+    click.echo(str(build_index(run_dir, base, name, images, captions, version, chunk_size)))
+
+
 from vislearn.serving.commands import query_group, serve_command, serving_group  # noqa: E402
 main.add_command(serve_command, "serve")
 main.add_command(query_group, "query")

@@ -206,3 +206,38 @@ def export_image_embedder(encoder, path, image_shape, description=""):
                                "embed_image": "images: encoded image bytes -> embeddings",
                                "embed_pixels": "images: float32 [0,1] -> embeddings"})
     return Path(path)
+
+
+def export_text_image_embedder(model, path, image_shape, description=""):
+    """Export an image-text embedding model (e.g. `TwoBranch`): both branches,
+    one joint space. The tokenizer (lower-casing, punctuation stripping,
+    whitespace split, vocabulary lookup) runs in the graph from stock TF ops,
+    so stock TF Serving loads the export.
+
+    Signatures:
+        serving_default, embed_image: `images` string [batch] of encoded
+            JPEG/PNG/BMP/GIF -> `embeddings` float32 [batch, dim], L2-normalised.
+        embed_text: `texts` string [batch] -> `embeddings` float32 [batch, dim];
+            unknown words map to the out-of-vocabulary token, and an empty
+            string embeds as a caption without words (a fixed vector).
+    """
+
+    def embed_image(images):
+        return {"embeddings": model.embed_image(decode_batch(images, image_shape), training=False)}
+
+    def embed_text(texts):
+        return {"embeddings": model.embed_text(texts, training=False)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    bytes_spec = [tf.TensorSpec([None], tf.string, name="images")]
+    archive.add_endpoint("serving_default", embed_image, input_signature=bytes_spec)
+    archive.add_endpoint("embed_image", embed_image, input_signature=bytes_spec)
+    archive.add_endpoint("embed_text", embed_text, input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
+    archive.write_out(str(path), verbose=False)
+    write_metadata(path, kind="text_image_embedder", image_shape=list(image_shape), embedding_dim=int(model.embed_dim),
+                   normalized=True, description=description,
+                   signatures={"serving_default": "images: encoded image bytes -> embeddings",
+                               "embed_image": "images: encoded image bytes -> embeddings",
+                               "embed_text": "texts: strings -> embeddings"})
+    return Path(path)

@@ -117,6 +117,75 @@ class WarmupStep(keras.optimizers.schedules.LearningRateSchedule):
                     decay_steps=self.decay_steps)
 
 
+@keras.saving.register_keras_serializable(package="vislearn")
+class LARS(keras.optimizers.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (LARS), as SimCLR trains.
+
+    Every weight tensor's step is scaled by eta * ||w|| / ||g + wd * w||, so a
+    layer moves by a fixed fraction of its norm whatever its gradient's scale,
+    which keeps very large batches stable. Rank-0/1 weights (biases and
+    batch-norm scales/offsets) get neither weight decay nor the trust ratio,
+    as in SimCLR's implementation:
+
+        g = grad + weight_decay * w                 (matrices and kernels only)
+        r = eta * ||w|| / ||g||  (1 if either norm is 0; 1 for vectors)
+        v = momentum * v + learning_rate * r * g
+        w = w - v
+
+    The paper's learning rate is 0.3 * global_batch / 256 (linear scaling,
+    with warm-up then cosine decay: `schedule: {name: cosine, warmup_steps: ...}`);
+    for small batches it notes that 0.075 * sqrt(global_batch) works better.
+    vislearn does not rescale `learning_rate`: the recipe states the value.
+
+    Args:
+        learning_rate: float or schedule.
+        momentum: 0.9 in SimCLR.
+        weight_decay: 1e-6 in SimCLR (coupled: added to the gradient).
+        eta: trust coefficient, 0.001.
+        epsilon: guards the ratio's division.
+
+    Reference:
+        You, Gitman, Ginsburg, "Large Batch Training of Convolutional Networks",
+        2017; Chen et al., SimCLR, ICML 2020, appendix B.1.
+    """
+
+    def __init__(self, learning_rate=0.3, momentum=0.9, weight_decay=1e-6, eta=0.001, epsilon=1e-9,
+                 name="lars", **kwargs):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if not 0 <= float(momentum) < 1:
+            raise ConfigError(f"optimizer.momentum: expected a value in [0, 1), received {momentum}")
+        self.momentum = float(momentum)
+        self.weight_decay_rate = float(weight_decay)  # not the base class's decoupled `weight_decay`
+        self.eta = float(eta)
+        self.epsilon = float(epsilon)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.velocities = self.add_optimizer_variables(variables, "velocity")
+
+    def update_step(self, gradient, variable, learning_rate):
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        velocity = self.velocities[self._get_variable_index(variable)]
+        if len(variable.shape) > 1:
+            gradient = gradient + self.weight_decay_rate * variable
+            weight_norm = ops.sqrt(ops.sum(ops.square(variable)))
+            gradient_norm = ops.sqrt(ops.sum(ops.square(gradient)))
+            ratio = ops.where(ops.logical_and(weight_norm > 0, gradient_norm > 0),
+                              self.eta * weight_norm / (gradient_norm + self.epsilon), 1.0)
+            learning_rate = learning_rate * ratio
+        self.assign(velocity, self.momentum * velocity + learning_rate * gradient)
+        self.assign_sub(variable, velocity)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(momentum=self.momentum, weight_decay=self.weight_decay_rate, eta=self.eta,
+                      epsilon=self.epsilon)
+        return config
+
+
 def _constant(initial_learning_rate=0.001):
     return float(initial_learning_rate)
 
@@ -134,6 +203,7 @@ OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
     "adamw": keras.optimizers.AdamW,
     "rmsprop": keras.optimizers.RMSprop,
+    "lars": LARS,
 }
 
 

@@ -144,6 +144,35 @@ def _embedder_export(model, path, data, options):
     return export_image_embedder(encoder_of(model), path, data.image_shape)
 
 
+def _contrastive_model_args(model_args, data, total_steps):
+    """image_shape and global_batch_size from the data (the batch checks the
+    negatives: SimCLR's batch, MoCo's queue), and the online probe's classes."""
+    filled = _fill_from_data(model_args, data, keys=("image_shape",))
+    spec = data.train.element_spec
+    batch = (spec[0] if isinstance(spec, tuple) else spec).shape[0]
+    if filled.setdefault("global_batch_size", batch) != batch:
+        raise ConfigError(f"model.global_batch_size: {filled['global_batch_size']} does not match the data's "
+                          f"batch of {batch} (set data.batch_size instead)")
+    if filled.get("online_probe"):
+        filled.setdefault("num_classes", data.num_classes)
+    return filled
+
+
+def _detector_method(model_class):
+    """A detector: trained on detection batches, scored by mAP, exported with NMS in the graph."""
+    return Method(
+        model_class=model_class,
+        datasets=("shapes_on_photos", "detection_folder"),
+        model_args=_yolo_model_args,
+        data_args=lambda model: {},
+        validation=lambda data: data.validation,
+        metrics=_detector_metrics,
+        export=_detector_export,
+        monitor="val_loss",
+        export_options=detector_export_section,
+    )
+
+
 def _representation_method(model_class, data_args=lambda model: {}, **overrides):
     """A method evaluated by the frozen-encoder protocol (linear_top1, knn_top1)
     and exported as an image embedder; its best checkpoint is the lowest
@@ -161,6 +190,33 @@ def _representation_method(model_class, data_args=lambda model: {}, **overrides)
         "callbacks": _knn_monitor,
         **overrides,
     })
+
+
+def _two_branch_model_args(model_args, data, total_steps):
+    from vislearn.models.two_branch import build_vocabulary
+
+    filled = _fill_from_data(model_args, data, keys=("image_shape",))
+    if not filled.get("vocabulary"):  # the training captions' words, written to the run's recipe.yaml
+        filled["vocabulary"] = build_vocabulary(data.train_captions)
+    return filled
+
+
+def _retrieval_metrics(model, data):
+    from vislearn.evaluation.retrieval import retrieval_metrics
+
+    return retrieval_metrics(model, data.test)
+
+
+def _retrieval_monitor(model, data):
+    from vislearn.evaluation.retrieval import RetrievalMonitor
+
+    return [] if data.val is None else [RetrievalMonitor(data.val)]
+
+
+def _text_image_export(model, path, data, options):
+    from vislearn.export import export_text_image_embedder
+
+    return export_text_image_embedder(model, path, data.image_shape)
 
 
 @dataclasses.dataclass
@@ -185,9 +241,13 @@ def _methods():
     from vislearn.models.autoencoder import Autoencoder
     from vislearn.models.context_prediction import ContextPrediction
     from vislearn.models.exemplar import ExemplarCNN
+    from vislearn.models.moco import MoCo
     from vislearn.models.rotnet import RotNet
+    from vislearn.models.simclr import SimCLR
     from vislearn.models.supervised import Supervised
+    from vislearn.models.two_branch import TwoBranch
     from vislearn.models.yolo_v1 import YoloV1
+    from vislearn.models.yolo_anchor_free import YoloAnchorFree
 
     return {
         "dann": Method(
@@ -199,24 +259,30 @@ def _methods():
             metrics=_dann_metrics,
             export=_dann_export,
         ),
-        "yolo_v1": Method(
-            model_class=YoloV1,
-            datasets=("shapes_on_photos", "detection_folder"),
-            model_args=_yolo_model_args,
-            data_args=lambda model: {},
-            validation=lambda data: data.validation,
-            metrics=_detector_metrics,
-            export=_detector_export,
-            monitor="val_loss",
-            export_options=detector_export_section,
-        ),
+        "yolo_v1": _detector_method(YoloV1),
+        "yolo_anchor_free": _detector_method(YoloAnchorFree),
         "autoencoder": _representation_method(Autoencoder),
         "rotnet": _representation_method(RotNet),
         "exemplar": _representation_method(ExemplarCNN, data_args=_exemplar_data_args),
         "context_prediction": _representation_method(ContextPrediction),
+        "simclr": _representation_method(
+            SimCLR, model_args=_contrastive_model_args,
+            data_args=lambda model: {"train_targets": "labels"} if model.get("online_probe") else {}),
+        "moco": _representation_method(MoCo, model_args=_contrastive_model_args),  # v1, v2, MoChi
         "supervised": _representation_method(
             Supervised, datasets=("digits_ssl",), model_args=_supervised_model_args,
             data_args=lambda model: {"train_targets": "labels"}, validation=lambda data: data.probe_test),
+        "two_branch": Method(
+            model_class=TwoBranch,
+            datasets=("captioned_shapes", "karpathy_captions", "coco_captions"),
+            model_args=_two_branch_model_args,
+            data_args=lambda model: {},
+            validation=lambda data: data.validation,
+            metrics=_retrieval_metrics,
+            export=_text_image_export,
+            monitor="val_rsum",  # written by the retrieval monitor on the val split
+            callbacks=_retrieval_monitor,
+        ),
     }
 
 

@@ -10,6 +10,14 @@ import difflib
 import keras
 from keras import layers
 
+# Batch-norm moving-average momentum of every vislearn network (PyTorch's 0.1
+# is Keras' 0.9). Keras' default 0.99 averages over ~100 steps; in runs of a
+# few hundred to a few thousand steps the weights move faster than that, the
+# moving variances go stale, and inference-mode outputs (evaluation, probes,
+# exports) fall far below training-mode ones. Seen in YOLOv1, the two-branch
+# model and the probes of the self-supervised encoders.
+BN_MOMENTUM = 0.9
+
 
 @keras.saving.register_keras_serializable(package="vislearn")
 class PerImageCentering(layers.Layer):
@@ -53,7 +61,7 @@ def small_cnn(input_shape=(32, 32, 3), width=32, depth=3, name="small_cnn"):
         for conv in range(2):
             x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
                               name=f"stage{stage}_conv{conv}")(x)
-            x = layers.BatchNormalization(name=f"stage{stage}_bn{conv}")(x)
+            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"stage{stage}_bn{conv}")(x)
             x = layers.ReLU(name=f"stage{stage}_relu{conv}")(x)
         x = layers.MaxPooling2D(2, name=f"stage{stage}_pool")(x)
     outputs = layers.GlobalAveragePooling2D(name="features")(x)
@@ -63,13 +71,13 @@ def small_cnn(input_shape=(32, 32, 3), width=32, depth=3, name="small_cnn"):
 def _residual_block(x, filters, stride, name):
     shortcut = x
     y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
-    y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
     y = layers.ReLU(name=f"{name}_relu1")(y)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
-    y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+    y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
     if stride != 1 or shortcut.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_proj")(shortcut)
-        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+        shortcut = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_proj_bn")(shortcut)
     y = layers.Add(name=f"{name}_add")([y, shortcut])
     return layers.ReLU(name=f"{name}_out")(y)
 
@@ -79,7 +87,7 @@ def resnet_small(input_shape=(32, 32, 3), width=16, blocks_per_stage=(1, 1, 1), 
     small-image anchor uses), stages doubling the width and halving the size."""
     inputs = keras.Input(shape=input_shape, name="image")
     x = layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
-    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     for stage, blocks in enumerate(blocks_per_stage):
         for block in range(blocks):

@@ -5,6 +5,7 @@ Builders take `seed` (the recipe's `train.seed`) and, for domain adaptation,
 `target_as_source`; vislearn fills both in.
 """
 
+from vislearn.data.captions import captioned_shapes, coco_captions, karpathy_captions
 from vislearn.data.detection_sets import detection_folder, shapes_on_photos
 from vislearn.data.domains import digits_m, domain_folders, domain_tfds
 from vislearn.data.unlabelled import digits_ssl, image_folders
@@ -17,4 +18,7 @@ DATASETS = {
     "shapes_on_photos": shapes_on_photos,
     "digits_ssl": digits_ssl,
     "image_folders": image_folders,
+    "captioned_shapes": captioned_shapes,
+    "karpathy_captions": karpathy_captions,
+    "coco_captions": coco_captions,
 }

@@ -134,10 +134,12 @@ def make_digits_folders(out, seed=0, test_fraction=0.3, image_size=32):
     return out
 
 
+from vislearn.data.captioned_shapes import make_captioned_shapes  # noqa: E402 (reads photo_collection lazily)
 from vislearn.data.shapes import make_shapes_on_photos  # noqa: E402 (shapes reads photo_collection lazily)
 
 MAKERS = {
     "digits_m": make_digits_m,
     "digits_folders": make_digits_folders,
     "shapes_on_photos": make_shapes_on_photos,
+    "captioned_shapes": make_captioned_shapes,
 }

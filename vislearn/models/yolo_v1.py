@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from vislearn.backbones import build_backbone
+from vislearn.backbones import BN_MOMENTUM, build_backbone
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 from vislearn.losses.yolo_v1 import YoloV1Loss
@@ -69,10 +69,7 @@ def darknet_features(layout, input_shape, width_multiplier=1.0, batch_norm=False
         x = layers.Conv2D(max(4, int(round(filters * width_multiplier))), kernel, strides=stride,
                           padding="same", use_bias=not batch_norm, name=f"conv{conv}")(x)
         if batch_norm:
-            # Momentum 0.9 (PyTorch's 0.1), not Keras' 0.99: runs of a few
-            # thousand steps move the weights faster than a 100-step average
-            # follows, and stale moving variances wreck inference-mode output.
-            x = layers.BatchNormalization(momentum=0.9, name=f"bn{conv}")(x)
+            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"bn{conv}")(x)
         x = layers.LeakyReLU(negative_slope=0.1, name=f"leaky{conv}")(x)
     return keras.Model(inputs, x, name=name)
 

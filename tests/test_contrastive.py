@@ -1,0 +1,304 @@
+"""Contrastive instance discrimination: InfoNCE/NT-Xent, views, SimCLR, MoCo v1/v2, MoChi."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vislearn import recipes
+from vislearn.config import ConfigError
+from vislearn.data.views import map_views, simclr_augment
+from vislearn.losses.contrastive import InfoNCE, moco_similarities, nt_xent_similarities
+from vislearn.models.moco import MoCo, enqueue, mochi_negatives, momentum_update
+from vislearn.models.simclr import SimCLR
+
+TINY = {"name": "small_cnn", "width": 8, "depth": 2}
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _cross_entropy(logits, positive):
+    logits = logits - logits.max(axis=1, keepdims=True)
+    log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return -log_softmax[np.arange(len(logits)), positive].mean()
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_nt_xent_matches_a_numpy_reference():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 7)).astype("float32"), rng.normal(size=(5, 7)).astype("float32")
+    temperature = 0.3
+    # Reference: the 2N x 2N cosine matrix, self-similarity removed, positive = the other view.
+    z = _unit(np.concatenate([a, b]).astype("float64"))
+    logits = z @ z.T / temperature
+    np.fill_diagonal(logits, -np.inf)
+    expected = _cross_entropy(logits, np.concatenate([np.arange(5, 10), np.arange(5)]))
+    loss = InfoNCE(temperature)(*nt_xent_similarities(a, b))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_moco_info_nce_matches_a_numpy_reference_with_extra_negatives():
+    rng = np.random.default_rng(1)
+    q, k = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    queue = _unit(rng.normal(size=(10, 6)))
+    extra = _unit(rng.normal(size=(4, 3, 6)))
+    temperature = 0.07
+    qn, kn = _unit(q), _unit(k)
+    logits = np.concatenate([np.sum(qn * kn, 1, keepdims=True), qn @ queue.T,
+                             np.einsum("nd,nmd->nm", qn, extra)], axis=1) / temperature
+    positive, similarities = moco_similarities(q.astype("float32"), k.astype("float32"),
+                                               queue.astype("float32"), extra.astype("float32"))
+    assert similarities.shape == (4, 14) and not np.any(positive)
+    np.testing.assert_allclose(float(InfoNCE(temperature)(positive, similarities)),
+                               _cross_entropy(logits, np.zeros(4, int)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.5])
+def test_temperature_must_be_positive_and_the_error_names_it(temperature):
+    with pytest.raises(ValueError, match=f"received {temperature}"):
+        InfoNCE(temperature)
+    with pytest.raises(ValueError, match=f"model.temperature: .*received {temperature}"):
+        SimCLR(backbone=TINY, temperature=temperature)
+    with pytest.raises(ValueError, match=f"model.temperature: .*received {temperature}"):
+        MoCo(backbone=TINY, temperature=temperature, queue_size=8)
+
+
+# ---------------------------------------------------------------- views
+
+
+def test_views_are_seeded_in_range_and_differ_between_seeds():
+    images = tf.random.stateless_uniform([6, 16, 16, 3], [0, 1])
+    first = simclr_augment(images, seed=[3, 4], blur=True)
+    np.testing.assert_array_equal(first, simclr_augment(images, seed=[3, 4], blur=True))
+    assert float(tf.reduce_mean(tf.abs(first - simclr_augment(images, seed=[3, 5], blur=True)))) > 0.02
+    assert first.shape == images.shape and 0.0 <= float(tf.reduce_min(first)) and float(tf.reduce_max(first)) <= 1.0
+    # A full-image crop with no colour change or blur is the image (or its mirror).
+    plain = simclr_augment(images, seed=[1, 1], strength=0.0, crop_scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                           grayscale_probability=0.0)
+    for view, image in zip(plain.numpy(), images.numpy()):
+        assert min(np.abs(view - image).max(), np.abs(view - image[:, ::-1]).max()) < 1e-5
+    # In tf.data: two different views per batch, the same on every pass.
+    dataset = map_views(tf.data.Dataset.from_tensor_slices(images).batch(3), seed=7)
+    (a1, b1), (a2, _) = next(iter(dataset)), next(iter(dataset))
+    np.testing.assert_array_equal(a1, a2)
+    assert float(tf.reduce_mean(tf.abs(a1 - b1))) > 0.02
+
+
+# ---------------------------------------------------------------- MoCo state
+
+
+def test_queue_replaces_the_oldest_keys_in_order():
+    queue = keras.Variable(np.zeros((6, 2), "float32"), trainable=False)
+    pointer = keras.Variable(0, dtype="int32", trainable=False)
+    for batch in range(4):  # 4 batches of 2 into 6 slots: the 4th overwrites the 1st
+        enqueue(queue, pointer, np.full((2, 2), batch + 1, "float32") + [[0, 0], [0.5, 0.5]])
+    np.testing.assert_array_equal(queue.numpy()[:, 0], [4, 4.5, 2, 2.5, 3, 3.5])
+    assert int(pointer.numpy()) == 2
+
+
+def test_momentum_update_arithmetic_and_the_key_encoder_pairs():
+    query, key = keras.Variable([1.0, -2.0]), keras.Variable([3.0, 5.0], trainable=False)
+    momentum_update([(query, key)], 0.9)
+    np.testing.assert_allclose(key.numpy(), [0.9 * 3 + 0.1 * 1, 0.9 * 5 + 0.1 * -2], rtol=1e-6)
+    model = MoCo(backbone=TINY, queue_size=8, embedding_dim=4, hidden_units=8, momentum=0.5, bn_groups=1)
+    pairs = model.momentum_pairs()
+    assert len(pairs) == len(model.encoder.trainable_weights) + len(model.projector.trainable_weights)
+    assert not model.key_encoder.trainable_weights and not model.key_projector.trainable_weights
+    for q, k in pairs:
+        np.testing.assert_array_equal(q.numpy(), k.numpy())  # the key encoder starts as a copy
+    # ... and computes the same embeddings in training mode (batch statistics; the shuffle undone).
+    images = tf.random.stateless_uniform([8, 32, 32, 3], [0, 2])
+    np.testing.assert_allclose(model._embed(model.key_encoder, model.key_projector, images, shuffle=True),
+                               model._embed(model.encoder, model.projector, images, shuffle=False), atol=1e-5)
+    for q, k in pairs:
+        q.assign(q + 1.0)
+    before = [k.numpy() for _, k in pairs]
+    momentum_update(pairs, 0.5)
+    for (q, k), old in zip(pairs, before):
+        np.testing.assert_allclose(k.numpy(), old + 0.5, rtol=1e-6, atol=1e-6)
+
+
+def test_mochi_negatives_are_unit_norm_mixed_from_the_hardest_and_carry_no_gradient():
+    dim, hardest = 16, 4
+    queue = tf.eye(dim)                       # key i is the i-th axis
+    rng = np.random.default_rng(0)
+    hard_axes = np.stack([rng.choice(dim, hardest, replace=False) for _ in range(3)])
+    q = np.zeros((3, dim), "float32")
+    for row, axes in enumerate(hard_axes):
+        q[row, axes] = [4.0, 3.0, 2.0, 1.0]     # the query is most similar to exactly these keys
+    q += 0.01                                 # ... and barely similar to every other key
+    q = tf.constant(q)
+    with tf.GradientTape() as tape:
+        tape.watch(q)
+        synthetic = mochi_negatives(q, queue, hardest, mix=5, query_mix=3, seed=[0, 1])
+    assert synthetic.shape == (3, 8, dim)
+    synthetic_values = synthetic.numpy()
+    np.testing.assert_allclose(np.linalg.norm(synthetic, axis=-1), 1.0, rtol=1e-5)
+    assert tape.gradient(tf.reduce_sum(synthetic), q) is None
+    for row, axes in enumerate(hard_axes):
+        others = np.setdiff1d(np.arange(dim), axes)
+        # Pair mixes live on the hardest keys only; query mixes add the query's small rest.
+        assert np.abs(synthetic_values[row, :5][:, others]).max() < 1e-6
+        assert np.abs(synthetic_values[row, 5:][:, others]).max() < 0.01
+    # Without the stop, the query still gets its gradient through the logits.
+    with tf.GradientTape() as tape:
+        tape.watch(q)
+        _, similarities = moco_similarities(q, q, queue, synthetic)
+        synthetic_logits = tf.reduce_sum(similarities[:, -8:])
+    assert tape.gradient(synthetic_logits, q) is not None
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_build_time_errors_name_the_value():
+    with pytest.raises(ValueError, match="queue_size: 100 is not a multiple of the global batch 32"):
+        MoCo(backbone=TINY, queue_size=100, global_batch_size=32)
+    with pytest.raises(ValueError, match="mochi_hardest: 64 hardest negatives requested from a queue of 32"):
+        MoCo(backbone=TINY, queue_size=32, mochi_hardest=64, mochi_mix=8)
+    with pytest.raises(ValueError, match="global batch of 1 image"):
+        SimCLR(backbone=TINY, global_batch_size=1)
+    # Unknown to the model until fit: the first step refuses it, naming both numbers.
+    model = MoCo(backbone=TINY, queue_size=48, embedding_dim=4, hidden_units=8)
+    model.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="queue_size: 48 is not a multiple of the global batch 32"):
+        model.fit(tf.data.Dataset.from_tensors(tf.zeros([32, 32, 32, 3])), epochs=1, verbose=0)
+
+
+def test_a_recipe_with_a_batch_that_does_not_divide_the_queue_fails_before_training(digits_folders_root, tmp_path):
+    recipe, source = recipes.load_recipe("moco_v2_digits", [f"data.root={digits_folders_root}",
+                                                            "data.batch_size=100"])
+    with pytest.raises(ConfigError, match="queue_size: 512 is not a multiple of the global batch 100"):
+        recipes.fit(recipe, source, tmp_path / "run", verbose=0)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------- distributed
+
+MIRRORED_SCRIPT = """
+import numpy as np, tensorflow as tf, keras
+from vislearn.distribute import use_logical_cpus
+use_logical_cpus(2)
+from vislearn.models.moco import MoCo
+from vislearn.models.simclr import SimCLR
+
+# SimCLR: loss and gradients of 2 replicas x 4 images == 1 replica x 8 images.
+rng = np.random.default_rng(0)
+views_a, views_b = (rng.random((8, 16, 16, 3), dtype=np.float32) for _ in range(2))
+def make():  # no batch norm: BN statistics are per replica by design, the loss is what is compared
+    keras.utils.set_random_seed(1)
+    return SimCLR(image_shape=(16, 16, 3), backbone={"name": "dann_mnist"}, projection_units=(32, 16),
+                  temperature=0.2)
+def loss_and_gradients(model, a, b):
+    with tf.GradientTape() as tape:
+        loss = model.contrastive_loss(a, b)[0]
+    return loss, tape.gradient(loss, model.trainable_variables)
+one = make()
+loss_1, gradients_1 = loss_and_gradients(one, views_a, views_b)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert strategy.num_replicas_in_sync == 2
+with strategy.scope():
+    two = make()
+two.set_weights(one.get_weights())
+shards = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((views_a, views_b)).batch(8))
+@tf.function
+def distributed(a, b):
+    loss, gradients = strategy.run(lambda a, b: loss_and_gradients(two, a, b), (a, b))
+    return strategy.reduce("SUM", loss, None), [strategy.reduce("SUM", g, None) for g in gradients]
+loss_2, gradients_2 = distributed(*next(iter(shards)))
+print("loss", float(loss_1), float(loss_2))
+print("gradient", max(float(np.abs(g1 - g2).max()) for g1, g2 in zip(gradients_1, gradients_2)))
+
+# Every method fits under the strategy; the queue stays identical on both replicas.
+images = tf.data.Dataset.from_tensor_slices(rng.random((32, 16, 16, 3), dtype=np.float32)).repeat().batch(8)
+tiny = {"name": "small_cnn", "width": 4, "depth": 2}
+for make_model in (lambda: SimCLR(image_shape=(16, 16, 3), backbone=tiny, projection_units=(16, 8)),
+                   lambda: MoCo(image_shape=(16, 16, 3), backbone=tiny, version=1, queue_size=24, embedding_dim=8,
+                                mochi_hardest=4, mochi_mix=2, mochi_query_mix=2)):
+    with strategy.scope():
+        model = make_model()
+        model.compile(optimizer=keras.optimizers.SGD(0.01))
+    history = model.fit(images, steps_per_epoch=2, epochs=1, verbose=0).history
+    assert all(np.isfinite(v).all() for v in history.values()), history
+    if isinstance(model, MoCo):
+        copies = [v.numpy() for v in strategy.experimental_local_results(model.queue.value)]
+        np.testing.assert_array_equal(copies[0], copies[1])
+        assert int(model.queue_pointer.numpy()) == 2 * 8  # two global batches of 8 into 24 slots
+    print(type(model).__name__, "fits")
+"""
+
+
+def test_simclr_two_replicas_equal_one_replica_and_methods_fit_mirrored(tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    loss_1, loss_2 = map(float, lines["loss"].split())
+    assert abs(loss_1 - loss_2) < 1e-4 and loss_1 > 1.0
+    assert float(lines["gradient"]) < 1e-4
+    assert lines["SimCLR"] == "fits" and lines["MoCo"] == "fits"
+
+
+# ---------------------------------------------------------------- end to end
+
+
+# One run per registered method: `simclr`, and `moco` with MoChi on (which runs all of MoCo v2's
+# step); v1 and the shuffled-BN groups run in the mirrored test. Few steps keep the file < 90 s.
+@pytest.mark.parametrize("recipe, extra", [
+    ("simclr_digits", ["model.online_probe=true", "optimizer.schedule.warmup_steps=1"]),
+    ("mochi_digits", ["model.mochi_start_step=0", "model.bn_groups=1"]),
+])
+def test_fit_evaluate_and_export_an_image_embedder(recipe, extra, digits_folders_root, tmp_path):
+    overrides = [f"data.root={digits_folders_root}", "train.epochs=1", "train.steps_per_epoch=2",
+                 "data.batch_size=32", "data.image_size=[16, 16]", "data.probe_labels_per_class=3", *extra]
+    loaded, source = recipes.load_recipe(recipe, overrides)
+    keras.backend.clear_session()
+    metrics = recipes.fit(loaded, source, tmp_path / "run", verbose=0)
+    assert set(metrics) == {"linear_top1", "knn_top1"} and all(0.0 < v <= 1.0 for v in metrics.values())
+    header, *rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    columns = header.split(",")
+    assert {"loss", "contrastive_accuracy", "knn_top1"} <= set(columns) and len(rows) == 1
+    assert np.isfinite(float(rows[0].split(",")[columns.index("loss")]))
+    if "model.online_probe=true" in extra:
+        assert "probe_accuracy" in columns
+
+    path = recipes.export(tmp_path / "run", tmp_path / "serving", name="ssl")
+    embed = tf.saved_model.load(str(path)).signatures["embed_image"]
+    files = sorted((digits_folders_root / "test" / "3").glob("*.png"))[:2]
+    embeddings = embed(images=tf.constant([f.read_bytes() for f in files]))["embeddings"].numpy()
+    assert embeddings.shape[0] == 2 and np.all(np.isfinite(embeddings))
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+
+
+def test_lars_scales_kernel_steps_by_the_trust_ratio_and_leaves_vectors_plain():
+    from vislearn.optimizers import OPTIMIZERS, LARS
+
+    assert OPTIMIZERS["lars"] is LARS
+    kernel, bias = keras.Variable([[3.0, 4.0]]), keras.Variable([1.0, 1.0])
+    grad_kernel, grad_bias = np.array([[0.6, 0.8]], "float32"), np.array([0.5, -0.5], "float32")
+    optimizer = LARS(learning_rate=0.1, momentum=0.9, weight_decay=0.01, eta=0.001)
+    for step in range(2):
+        optimizer.apply([grad_kernel, grad_bias], [kernel, bias])
+    # Reference, two steps: g = grad + wd w; r = eta |w| / |g|; v = m v + lr r g; w -= v.
+    w, v, b, vb = np.array([[3.0, 4.0]]), 0.0, np.array([1.0, 1.0]), 0.0
+    for step in range(2):
+        g = grad_kernel + 0.01 * w
+        v = 0.9 * v + 0.1 * (0.001 * np.linalg.norm(w) / np.linalg.norm(g)) * g
+        w = w - v
+        vb = 0.9 * vb + 0.1 * grad_bias
+        b = b - vb
+    np.testing.assert_allclose(kernel.numpy(), w, rtol=1e-5)
+    np.testing.assert_allclose(bias.numpy(), b, rtol=1e-5)
+    assert LARS.from_config(optimizer.get_config()).eta == 0.001

@@ -1,0 +1,150 @@
+"""SimCLR's view augmentation, batched, seeded, for tf.data and train steps.
+
+`simclr_augment` turns a batch of images into one random view of each: a
+random resized crop (area fraction in `crop_scale`, aspect ratio 3/4-4/3)
+with a horizontal flip (p=0.5), colour jitter (brightness, contrast,
+saturation 0.8*s, hue 0.2*s) with p=0.8, grayscale with p=0.2 and,
+optionally, a Gaussian blur with p=0.5 (sigma in [0.1, 2], kernel ~1/10 of
+the image side). Each image draws its own parameters; the jitter is applied
+in a fixed order (brightness, contrast, saturation, hue) where the reference
+shuffles it, which keeps the op batched.
+
+All randomness is stateless from one `seed` (shape [2]): the same seed gives
+the same views, in tf.data (`map_views`) or inside a train step; without a
+seed one is drawn from TensorFlow's global generator (seeded by
+`keras.utils.set_random_seed`), and under tf.distribute the replica id is
+folded in so replicas draw different views.
+
+Reference:
+    Chen et al., "A Simple Framework for Contrastive Learning of Visual
+    Representations", ICML 2020, appendix A.
+"""
+
+import math
+
+import tensorflow as tf
+
+from vislearn.config import ConfigError
+
+
+def _seeds(seed, count):
+    """`count` independent stateless seeds from one."""
+    return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), count))
+
+
+def draw_seed():
+    """A stateless seed from the global generator, distinct per replica."""
+    seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        seed += tf.cast(context.replica_id_in_sync_group, tf.int64) * 7919
+    return seed
+
+
+def _crop_boxes(batch, scale, ratio, flip, seeds):
+    """Normalised [y1, x1, y2, x2] boxes of random resized crops; a flipped
+    image gets its box with x1 > x2, which crop_and_resize reads mirrored."""
+    area = tf.random.stateless_uniform([batch], seeds[0], scale[0], scale[1])
+    log_ratio = tf.random.stateless_uniform([batch], seeds[1], math.log(ratio[0]), math.log(ratio[1]))
+    aspect = tf.exp(log_ratio)                                       # width / height
+    width = tf.minimum(tf.sqrt(area * aspect), 1.0)
+    height = tf.minimum(tf.sqrt(area / aspect), 1.0)
+    corner = tf.random.stateless_uniform([batch, 2], seeds[2])
+    y1 = corner[:, 0] * (1.0 - height)
+    x1 = corner[:, 1] * (1.0 - width)
+    y2, x2 = y1 + height, x1 + width
+    flipped = tf.random.stateless_uniform([batch], seeds[3]) < flip
+    x1, x2 = tf.where(flipped, x2, x1), tf.where(flipped, x1, x2)
+    return tf.stack([y1, x1, y2, x2], axis=1)
+
+
+def _grayscale(images):
+    return tf.image.rgb_to_grayscale(images) * tf.ones([1, 1, 1, 3], images.dtype)
+
+
+def _colour_jitter(images, strength, seeds):
+    batch = tf.shape(images)[0]
+
+    def factor(seed, amount):
+        return tf.random.stateless_uniform([batch, 1, 1, 1], seed, max(1.0 - amount, 0.0), 1.0 + amount)
+
+    amount = 0.8 * strength
+    x = images * factor(seeds[0], amount)                                              # brightness
+    mean = tf.reduce_mean(_grayscale(x), axis=[1, 2, 3], keepdims=True)
+    x = (x - mean) * factor(seeds[1], amount) + mean                                   # contrast
+    gray = _grayscale(x)
+    x = tf.clip_by_value(gray + (x - gray) * factor(seeds[2], amount), 0.0, 1.0)      # saturation
+    hue = 0.2 * strength
+    if hue > 0:
+        hsv = tf.image.rgb_to_hsv(x)
+        shift = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[3], -hue, hue)
+        x = tf.image.hsv_to_rgb(tf.concat([tf.math.floormod(hsv[..., :1] + shift, 1.0), hsv[..., 1:]], -1))
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+def gaussian_blur(images, sigma, kernel_size):
+    """Blur each image with its own sigma (batch,): a separable Gaussian as
+    one depthwise convolution over the batch folded into channels."""
+    batch, height, width, channels = tf.unstack(tf.shape(images))
+    radius = kernel_size // 2
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-tf.square(offsets)[None, :] / (2.0 * tf.square(sigma)[:, None]))
+    kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)                       # (batch, k)
+    kernel = tf.repeat(kernel, channels, axis=0)                                 # (batch * c, k)
+    folded = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, height, width, batch * channels])
+    padded = tf.pad(folded, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    rows = tf.transpose(kernel)[:, None, :, None]                                # (k, 1, batch*c, 1)
+    columns = tf.transpose(kernel)[None, :, :, None]                             # (1, k, batch*c, 1)
+    blurred = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
+    blurred = tf.nn.depthwise_conv2d(blurred, columns, [1, 1, 1, 1], "VALID")
+    return tf.transpose(tf.reshape(blurred, [height, width, batch, channels]), [2, 0, 1, 3])
+
+
+def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08, 1.0),
+                   ratio=(3 / 4, 4 / 3), flip=0.5, jitter_probability=0.8, grayscale_probability=0.2,
+                   blur_probability=0.5, blur_sigma=(0.1, 2.0)):
+    """One random SimCLR view of every image of a batch.
+
+    Args:
+        images: float (batch, height, width, 3) in [0, 1].
+        seed: int tensor [2] for stateless randomness; None draws one.
+        strength: colour jitter strength s (SimCLR: 1.0 ImageNet, 0.5 CIFAR).
+        blur: apply the Gaussian blur with `blur_probability`.
+        crop_scale: (min, max) area fraction of the crop.
+
+    Returns:
+        Views, float32 (batch, height, width, 3) in [0, 1].
+    """
+    if strength < 0:
+        raise ConfigError(f"strength: expected a colour jitter strength >= 0, received {strength}")
+    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ConfigError(f"crop_scale: expected 0 < min <= max <= 1, received {list(crop_scale)}")
+    images = tf.convert_to_tensor(images, tf.float32)
+    seed = draw_seed() if seed is None else seed
+    seeds = _seeds(seed, 12)
+    batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+
+    boxes = _crop_boxes(batch, crop_scale, ratio, flip, seeds[:4])
+    x = tf.image.crop_and_resize(images, boxes, tf.range(batch), [height, width])
+
+    if strength > 0:
+        jitter = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4]) < jitter_probability
+        x = tf.where(jitter, _colour_jitter(x, strength, seeds[5:9]), x)
+    gray = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[9]) < grayscale_probability
+    x = tf.where(gray, _grayscale(x), x)
+    if blur:
+        kernel_size = max(3, (height // 10) | 1)                    # odd, ~10% of the side
+        sigma = tf.random.stateless_uniform([batch], seeds[10], *blur_sigma)
+        blurred = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[11]) < blur_probability
+        x = tf.where(blurred, gaussian_blur(x, sigma, kernel_size), x)
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+def map_views(dataset, seed=0, views=2, **options):
+    """Map a dataset of image batches to tuples of `views` augmented views,
+    reproducibly: batch i uses seeds derived from (seed, i)."""
+    def augment(index, images):
+        base = tf.stack([tf.cast(seed, tf.int64), index])
+        return tuple(simclr_augment(images, seed=s, **options) for s in _seeds(base, views))
+
+    return dataset.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
