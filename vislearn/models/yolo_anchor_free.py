@@ -29,6 +29,7 @@ from keras import layers
 from vislearn.backbones import BN_MOMENTUM
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses.yolo_anchor_free import anchor_free_loss
+from vislearn.models.yolo_v1 import per_class_nms
 
 STRIDES = (8, 16, 32)
 # YOLOv8 at width and depth 1: channels of the stem and strides 4..32, C2f
@@ -228,12 +229,8 @@ class YoloAnchorFree(keras.Model):
         `vislearn.models.yolo_v1.decode_yolo_v1` (`rel_yxyx` on the input)."""
         _, class_logits, boxes = self.flatten_outputs(self(images, training=False))
         size = tf.constant([self.image_shape[0], self.image_shape[1]] * 2, tf.float32)
-        nmsed_boxes, nmsed_scores, nmsed_classes, valid = tf.image.combined_non_max_suppression(
-            (boxes / size)[:, :, None, :], tf.sigmoid(class_logits),
-            max_output_size_per_class=max_detections, max_total_size=max_detections,
-            iou_threshold=iou_threshold, score_threshold=score_threshold, clip_boxes=True)
-        return {"detection_boxes": nmsed_boxes, "detection_scores": nmsed_scores,
-                "detection_classes": tf.cast(nmsed_classes, tf.int32), "num_detections": tf.cast(valid, tf.int32)}
+        return per_class_nms(boxes / size, tf.sigmoid(class_logits), score_threshold, iou_threshold,
+                             max_detections)
 
     def build(self, input_shape=None):
         # Every layer is built in __init__ (functional parts).

@@ -161,8 +161,16 @@ def decode_yolo_v1(grid, num_boxes, num_classes, score_threshold=0.005, iou_thre
     class_probs = tf.clip_by_value(grid[..., num_boxes * 5:], 0.0, 1.0)  # [batch, S, S, C]
     scores = tf.clip_by_value(confidence, 0.0, 1.0)[..., None] * class_probs[:, :, :, None, :]
     batch = tf.shape(grid)[0]
+    return per_class_nms(tf.reshape(boxes, [batch, -1, 4]), tf.reshape(scores, [batch, -1, num_classes]),
+                         score_threshold, iou_threshold, max_detections)
+
+
+def per_class_nms(boxes, scores, score_threshold, iou_threshold, max_detections):
+    """Candidate boxes [batch, N, 4] `rel_yxyx` with class scores [batch, N, C]
+    -> the padded `detection_*` dict every vislearn detector returns (see
+    `decode_yolo_v1`), after per-class non-maximum suppression."""
     nmsed_boxes, nmsed_scores, nmsed_classes, valid = tf.image.combined_non_max_suppression(
-        tf.reshape(boxes, [batch, -1, 1, 4]), tf.reshape(scores, [batch, -1, num_classes]),
+        boxes[:, :, None, :], scores,
         max_output_size_per_class=max_detections, max_total_size=max_detections,
         iou_threshold=iou_threshold, score_threshold=score_threshold, clip_boxes=True)
     return {"detection_boxes": nmsed_boxes, "detection_scores": nmsed_scores,
