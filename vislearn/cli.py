@@ -132,8 +132,10 @@ def data_group():
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--format", "file_format", help="On-disk format, for sets that offer several (e.g. coco|voc|yolo).")
+@click.option("--grounding", is_flag=True, help="Also write phrase -> box annotations (Flickr30K Entities format; "
+              "captioned_shapes).")
 @user_errors
-def data_make_command(name, out, seed, file_format):
+def data_make_command(name, out, seed, file_format, grounding):
     """Write dataset NAME to OUT in its standard on-disk format."""
     import inspect
 
@@ -149,6 +151,10 @@ def data_make_command(name, out, seed, file_format):
         if "file_format" not in inspect.signature(maker).parameters:
             raise ConfigError(f"--format: dataset {name!r} has one format; drop --format")
         options["file_format"] = file_format
+    if grounding:
+        if "grounding" not in inspect.signature(maker).parameters:
+            raise ConfigError(f"--grounding: dataset {name!r} has no grounding annotations; drop --grounding")
+        options["grounding"] = True
     maker(out, seed=seed, **options)
     click.echo(str(out))
 

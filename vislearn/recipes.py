@@ -219,6 +219,41 @@ def _text_image_export(model, path, data, options):
     return export_text_image_embedder(model, path, data.image_shape)
 
 
+def _icmlm_model_args(model_args, data, total_steps):
+    """image_shape from the data; the WordPiece vocabulary and the concept words
+    from the training captions (written to the run's recipe.yaml); captions
+    without a concept are counted and skipped (an error when all are)."""
+    from vislearn.data.caption_concepts import (concept_vocabulary, read_vocabulary, unmaskable,
+                                                wordpiece_vocabulary)
+
+    filled = _fill_from_data(model_args, data, keys=("image_shape",))
+    if not filled.get("vocabulary"):
+        filled["vocabulary"] = wordpiece_vocabulary(data.train_captions)
+    vocabulary = read_vocabulary(filled["vocabulary"], filled.get("vocabulary_size"))
+    filled.setdefault("vocabulary_size", len(vocabulary))
+    if not filled.get("concepts"):
+        filled["concepts"] = concept_vocabulary(data.train_captions, vocabulary)
+        if not filled["concepts"]:
+            raise ConfigError("model.concepts: no caption word qualifies as a concept (a non-stop word in at "
+                              "least 5 training captions that is one vocabulary token); give model.concepts")
+    skipped = unmaskable(data.train_captions, filled["concepts"])
+    if len(skipped) == len(data.train_captions):
+        raise ConfigError(f"data: none of the {len(skipped)} training captions contains a concept word "
+                          f"(e.g. {skipped[0]!r}); nothing can be masked")
+    if skipped:
+        log.warning("%d of %d training captions contain no concept word (e.g. %r); they are skipped "
+                    "(weight 0, counted as unmaskable_captions)", len(skipped), len(data.train_captions), skipped[0])
+    return filled
+
+
+def _icmlm_metrics(model, data):
+    from vislearn.models.icmlm import caption_probe_metrics, masked_accuracy_metrics
+
+    metrics = masked_accuracy_metrics(model, data.test)
+    metrics.update(caption_probe_metrics(model.encoder, data.val, data.test))
+    return metrics
+
+
 @dataclasses.dataclass
 class Method:
     """How a recipe runs one method: its model class, which data builders
@@ -241,11 +276,14 @@ def _methods():
     from vislearn.models.autoencoder import Autoencoder
     from vislearn.models.context_prediction import ContextPrediction
     from vislearn.models.exemplar import ExemplarCNN
+    from vislearn.models.icmlm import ICMLM
     from vislearn.models.moco import MoCo
     from vislearn.models.rotnet import RotNet
     from vislearn.models.simclr import SimCLR
     from vislearn.models.supervised import Supervised
     from vislearn.models.two_branch import TwoBranch
+    from vislearn.models.two_branch_similarity import (ScoredRetrievalMonitor, TwoBranchSimilarity,
+                                                       export_text_image_scorer, scored_retrieval_metrics)
     from vislearn.models.yolo_v1 import YoloV1
     from vislearn.models.yolo_anchor_free import YoloAnchorFree
 
@@ -272,7 +310,7 @@ def _methods():
         "supervised": _representation_method(
             Supervised, datasets=("digits_ssl",), model_args=_supervised_model_args,
             data_args=lambda model: {"train_targets": "labels"}, validation=lambda data: data.probe_test),
-        "two_branch": Method(
+        "two_branch": (two_branch := Method(
             model_class=TwoBranch,
             datasets=("captioned_shapes", "karpathy_captions", "coco_captions"),
             model_args=_two_branch_model_args,
@@ -282,6 +320,23 @@ def _methods():
             export=_text_image_export,
             monitor="val_rsum",  # written by the retrieval monitor on the val split
             callbacks=_retrieval_monitor,
+        )),
+        "two_branch_similarity": dataclasses.replace(  # two_branch's data and recipe; pairs scored by a network
+            two_branch,
+            model_class=TwoBranchSimilarity,
+            metrics=lambda model, data: scored_retrieval_metrics(model, data.test),
+            export=lambda model, path, data, options: export_text_image_scorer(model, path, data.image_shape),
+            callbacks=lambda model, data: [] if data.val is None else [ScoredRetrievalMonitor(data.val)],
+        ),
+        "icmlm": Method(
+            model_class=ICMLM,
+            datasets=("captioned_shapes", "karpathy_captions", "coco_captions"),
+            model_args=_icmlm_model_args,
+            data_args=lambda model: {},
+            validation=lambda data: data.validation,
+            metrics=_icmlm_metrics,
+            export=_embedder_export,  # the visual encoder, as `embed_image`
+            monitor="loss",
         ),
     }
 

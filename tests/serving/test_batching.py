@@ -118,3 +118,35 @@ def test_server_batches_concurrent_grpc_requests(base, image):
         rows = [line for line in text.splitlines() if line.startswith(BATCH_SIZE + "_sum")]
         assert batches and rows
         assert float(rows[0].split()[-1]) == 9 and int(batches[0].split()[-1]) < 9  # merged
+
+
+def test_first_call_of_a_signature_runs_alone(base, image, monkeypatch):
+    # Concurrent first calls would each make TF instantiate the graph again.
+    from vislearn.serving.models import Servable
+
+    servable = Servable("classifier", 1, base / "classifier" / "1")
+    events, running, peak, lock = [], [0], [0], threading.Lock()
+    real = servable._call_function
+
+    def counted(key, inputs):
+        with lock:
+            events.append("start")
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.05)
+            return real(key, inputs)
+        finally:
+            with lock:
+                events.append("end")
+                running[0] -= 1
+
+    monkeypatch.setattr(servable, "_call_function", counted)
+    batch = np.array([image], dtype=object)
+    results, errors = _concurrently(lambda i: servable._call("serving_default", {"images": batch}), 4)
+    assert not errors and all(r is not None for r in results)
+    assert events[:2] == ["start", "end"] and "serving_default" in servable._warm  # the first ran alone
+    peak[0] = 0
+    results, errors = _concurrently(lambda i: servable._call("serving_default", {"images": batch}), 4)
+    assert not errors and peak[0] > 1  # once warm, calls overlap again
+    servable.close()

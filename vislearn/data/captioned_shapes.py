@@ -15,6 +15,10 @@ Layout (what Flickr30k / COCO users have from Karpathy's splits):
         "imgid", "split", "sentids", "sentences": [{"raw", "tokens", "imgid",
         "sentid"}]}]}
     dataset.json: what was made (counts, seed, vocabulary of the scenes).
+    With `grounding=True` (`vislearn data make captioned_shapes --grounding`),
+    also Sentences/<stem>.txt and Annotations/<stem>.xml: each caption's
+    shape phrases linked to their boxes in the Flickr30K Entities format
+    (`vislearn.data.flickr30k_entities` reads them).
 """
 
 import colorsys
@@ -64,11 +68,21 @@ def _scene(photos, size, rng, max_objects):
                         "size": size_name, "center": center, "radius": radius})
     for obj in objects:
         alpha = _shape_alpha(obj["shape"], obj["center"], obj["radius"], rng.uniform(0, 2 * math.pi), size)
+        obj["box"] = _covered_box(alpha)
         hue = (COLOURS[obj["colour"]] + rng.uniform(-8, 8)) % 360 / 360
         rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0)), np.float32) * 255
         image = image * (1 - alpha[..., None]) + rgb * alpha[..., None]
     scene = {"background": BACKGROUNDS[photo_index], "objects": objects, "size": size}
     return np.clip(image, 0, 255).astype(np.uint8), scene
+
+
+def _covered_box(alpha):
+    """1-based inclusive pixel box (xmin, ymin, xmax, ymax) of the pixels a shape covers at least half."""
+    rows, cols = np.flatnonzero((alpha >= 0.5).any(axis=1)), np.flatnonzero((alpha >= 0.5).any(axis=0))
+    if not len(rows):  # a shape too thin to cover any pixel half: its brightest pixel
+        rows, cols = np.unravel_index(np.argmax(alpha), alpha.shape)
+        rows, cols = np.atleast_1d(rows), np.atleast_1d(cols)
+    return int(cols[0]) + 1, int(rows[0]) + 1, int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def _name(obj, with_size=False):
@@ -130,13 +144,59 @@ def captions_of(scene, rng):
     return [templates[i]() for i in rng.permutation(len(templates))]
 
 
+def grounding_markup(scene, captions, first_entity):
+    """Flickr30K Entities markup of one scene's captions.
+
+    Shapes of one colour and kind are one entity (type `shape`; several
+    boxes when the scene repeats it); a phrase is the article, the optional
+    size and `colour kind`. The photo behind is an entity of type `scene`
+    without a box.
+
+    Returns:
+        (marked-up captions, {entity id: [box, ...]}, scene entity id).
+    """
+    groups = {}
+    for obj in scene["objects"]:
+        groups.setdefault((obj["colour"], obj["shape"]), []).append(obj["box"])
+    entities, patterns = {}, []
+    for number, ((colour, shape), boxes) in enumerate(groups.items(), first_entity):
+        entities[str(number)] = boxes
+        patterns.append((str(number), "shape", rf"\b(?:an? )?(?:(?:{'|'.join(SIZES)}) )?{colour} {shape}\b"))
+    scene_entity = str(first_entity + len(groups))
+    patterns.append((scene_entity, "scene", rf"\b{re.escape(scene['background'])}\b"))
+    marked = []
+    for caption in captions:
+        found = sorted((m.start(), m.end(), entity, kind) for entity, kind, pattern in patterns
+                       for m in re.finditer(pattern, caption))
+        out, position = [], 0
+        for start, end, entity, kind in found:
+            if start >= position:  # patterns never overlap; keep the first if they ever do
+                out += [caption[position:start], f"[/EN#{entity}/{kind} {caption[start:end]}]"]
+                position = end
+        marked.append("".join(out) + caption[position:])
+    return marked, entities, scene_entity
+
+
+def _write_grounding(out, stem, size, marked, entities, scene_entity):
+    """Sentences/<stem>.txt and Annotations/<stem>.xml (Flickr30K Entities format)."""
+    (out / "Sentences" / f"{stem}.txt").write_text("\n".join(marked) + "\n")
+    objects = [f"  <object>\n    <name>{entity}</name>\n    <bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin>"
+               f"<xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox>\n  </object>"
+               for entity, boxes in entities.items() for box in boxes]
+    objects.append(f"  <object>\n    <name>{scene_entity}</name>\n    <nobndbox>1</nobndbox>\n"
+                   f"    <scene>1</scene>\n  </object>")
+    (out / "Annotations" / f"{stem}.xml").write_text(
+        f"<annotation>\n  <filename>{stem}.jpg</filename>\n  <size><width>{size}</width><height>{size}</height>"
+        f"<depth>3</depth></size>\n" + "\n".join(objects) + "\n</annotation>\n")
+
+
 def tokenize(text):
     """Karpathy's `tokens`: lower-cased words, punctuation dropped."""
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
 def make_captioned_shapes(out, seed=0, n_train=4000, n_val=500, n_test=1000, image_size=64, max_objects=3,
-                          jpeg_quality=92):
+                          jpeg_quality=92, grounding=False):
     """Write the captioned-shapes set (JPEGs + Karpathy-split JSON).
 
     Args:
@@ -147,6 +207,9 @@ def make_captioned_shapes(out, seed=0, n_train=4000, n_val=500, n_test=1000, ima
         image_size: side of the square images in pixels (at least 32).
         max_objects: 1 to 3 shapes per image.
         jpeg_quality: JPEG quality of the written images.
+        grounding: also write phrase -> box annotations in the Flickr30K
+            Entities format (`Sentences/<stem>.txt`, `Annotations/<stem>.xml`,
+            see `grounding_markup`); the images and captions are the same.
 
     Returns:
         `out` as a `Path`.
@@ -162,6 +225,9 @@ def make_captioned_shapes(out, seed=0, n_train=4000, n_val=500, n_test=1000, ima
         raise RuntimeError(f"photo_collection() returned {len(photos)} photos; BACKGROUNDS names {len(BACKGROUNDS)}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    if grounding:
+        (out / "Sentences").mkdir(exist_ok=True)
+        (out / "Annotations").mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
     records, sentence_id = [], 0
     for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
@@ -170,8 +236,12 @@ def make_captioned_shapes(out, seed=0, n_train=4000, n_val=500, n_test=1000, ima
             filename = f"{split}_{index:05d}.jpg"
             Image.fromarray(pixels).save(out / "images" / filename, quality=jpeg_quality)
             image_id = len(records)
+            captions = captions_of(scene, rng)
             sentences = [{"raw": raw, "tokens": tokenize(raw), "imgid": image_id, "sentid": sentence_id + i}
-                         for i, raw in enumerate(captions_of(scene, rng))]
+                         for i, raw in enumerate(captions)]
+            if grounding:
+                marked, entities, scene_entity = grounding_markup(scene, captions, first_entity=10 * image_id + 1)
+                _write_grounding(out, Path(filename).stem, image_size, marked, entities, scene_entity)
             sentence_id += len(sentences)
             records.append({"filename": filename, "imgid": image_id, "split": split,
                             "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
@@ -180,5 +250,7 @@ def make_captioned_shapes(out, seed=0, n_train=4000, n_val=500, n_test=1000, ima
             "train": n_train, "val": n_val, "test": n_test, "captions_per_image": 5,
             "annotations": JSON_NAME, "images": "images/", "colours": list(COLOURS), "shapes": SHAPE_CLASSES,
             "sizes": list(SIZES), "backgrounds": BACKGROUNDS, "supersample": SUPERSAMPLE}
+    if grounding:
+        info["grounding"] = {"format": "flickr30k_entities", "sentences": "Sentences/", "annotations": "Annotations/"}
     (out / "dataset.json").write_text(json.dumps(info, indent=2))
     return out

@@ -1,0 +1,170 @@
+"""ICMLM on captioned_shapes: masked-word accuracy with and without the image,
+and the linear probe of the visual encoder against its random initialisation.
+
+Every trained row runs the bundled `icmlm_shapes` recipe through the same code
+path as `vislearn fit` (only `model.variant` differs): ICMLM-tfm, ICMLM-att and
+the text-only language model (the same language model without the image).
+`masked_accuracy` is measured on the test split's captions, one concept token
+masked per caption (a fixed choice); `masked_accuracy_text_only` is the text-only
+model's. The probe is the shared protocol (`linear_top1`, `knn_top1`) on a
+classification split derived from the captions: an image's class is the one
+shape word its captions name (probe trained on the val split, scored on the
+test split); `linear_top1_colour` the same with the colour word.
+
+Targets (issue 8): ICMLM >= text-only + 30 points of masked accuracy (both
+variants); linear_top1 of the ICMLM encoder >= random-init + 10 points.
+
+    python benchmarks/icmlm.py [--seed 0] [--epochs N] [--n-train 2000] [--n-val 400] [--n-test 400]
+                               [--rows text_only tfm att] [--set KEY=VALUE ...] [--out benchmarks/out/icmlm]
+    python benchmarks/icmlm.py --table benchmarks/out/icmlm/results.json   # reprint a finished run's table
+    python benchmarks/icmlm.py --per-concept benchmarks/out/icmlm/tfm      # accuracy per concept word
+"""
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+ROWS = ("text_only", "tfm", "att")
+TARGET_MASKED_GAIN = 0.30
+TARGET_PROBE_GAIN = 0.10
+
+
+def random_init_metrics(recipe):
+    """The probe on the recipe's encoder as initialised, never trained."""
+    import keras
+
+    from vislearn import recipes
+    from vislearn.backbones import build_backbone
+    from vislearn.models.icmlm import caption_probe_metrics
+
+    keras.utils.set_random_seed(recipe["train"]["seed"])
+    data = recipes.build_data(recipe)
+    encoder = build_backbone(recipe["model"]["backbone"], data.image_shape)
+    return caption_probe_metrics(encoder, data.val, data.test)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-val", type=int, default=400)
+    parser.add_argument("--n-test", type=int, default=400)
+    parser.add_argument("--image-size", type=int, default=48)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--out", default="benchmarks/out/icmlm")
+    parser.add_argument("--table", metavar="RESULTS_JSON", help="only print the table of an earlier run's results.json")
+    parser.add_argument("--per-concept", metavar="RUN_DIR", help="only print a finished run's masked accuracy per "
+                        "concept word (test split), image-conditioned and the language model's own head")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="applied to every run, e.g. optimizer.learning_rate=0.002")
+    args = parser.parse_args()
+    if args.per_concept:
+        print_per_concept(args.per_concept)
+        return
+    if args.table:
+        results = json.loads(Path(args.table).read_text())
+        print_table(results, [row for row in ROWS if row in results], args.table)
+        return
+
+    import keras
+
+    from vislearn import recipes
+    from vislearn.data.captioned_shapes import make_captioned_shapes
+
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    data_root = make_captioned_shapes(out / "data", seed=args.seed, n_train=args.n_train, n_val=args.n_val,
+                                      n_test=args.n_test, image_size=args.image_size)
+    overrides = [f"train.seed={args.seed}", f"data.root={data_root}",
+                 f"data.image_size=[{args.image_size}, {args.image_size}]", *args.overrides]
+    if args.epochs:
+        overrides.append(f"train.epochs={args.epochs}")
+    print(f"data: {args.n_train}/{args.n_val}/{args.n_test} images at {args.image_size}px "
+          f"({time.perf_counter() - started:.0f}s)", flush=True)
+
+    results = {}
+    recipe, _ = recipes.load_recipe("icmlm_shapes", overrides)
+    t0 = time.perf_counter()
+    results["random_init"] = {**random_init_metrics(recipe), "seconds": time.perf_counter() - t0}
+    for row in args.rows:
+        keras.backend.clear_session()
+        t0 = time.perf_counter()
+        recipe, source = recipes.load_recipe("icmlm_shapes", [*overrides, f"model.variant={row}"])
+        metrics = recipes.fit(recipe, source, out / row, verbose=0)
+        results[row] = {**metrics, "seconds": time.perf_counter() - t0}
+        print(f"{row:10s} masked_accuracy {metrics['masked_accuracy']:.4f} "
+              f"(text head {metrics['masked_accuracy_text_only']:.4f}) linear_top1 {metrics['linear_top1']} "
+              f"{results[row]['seconds']:.0f}s", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    print_table(results, args.rows, f"captioned_shapes, seed {args.seed}, {args.n_train} train images, "
+                f"{args.epochs or recipe['train']['epochs']} epochs")
+    print(f"\nprobe images (val+test, one shape word): {results['random_init']['probe_images']}; "
+          f"total {(time.perf_counter() - started) / 60:.1f} min")
+
+
+def print_per_concept(run_dir):
+    import collections
+
+    import numpy as np
+    import tensorflow as tf
+
+    from vislearn import recipes
+    from vislearn.models.icmlm import EVAL_SEED
+
+    _, model, data = recipes.load_trained(run_dir)
+    by_image = [[] for _ in range(len(data.test))]
+    for caption, row in zip(data.test.captions, data.test.caption_image):
+        by_image[int(row)].append(caption)
+    counts = collections.defaultdict(lambda: np.zeros(3))  # masked, correct with image, correct text head
+    start = 0
+    for images in data.test.images:
+        rows = by_image[start:start + len(images)]
+        start += len(images)
+        outputs, labels, valid, _ = model.masked_batch({"image": images, "captions": tf.constant(rows)},
+                                                       seed=EVAL_SEED)
+        predicted = tf.argmax(outputs.get("image_logits", outputs["text_logits"]), axis=-1).numpy()
+        text_predicted = tf.argmax(outputs["text_logits"], axis=-1).numpy()
+        for label, p, t in zip(labels.numpy()[valid.numpy()], predicted[valid.numpy()], text_predicted[valid.numpy()]):
+            counts[model.vocabulary[label]] += [1, p == label, t == label]
+    total = sum(c[0] for c in counts.values())
+    print("| concept | share of masks | accuracy with image | language model alone |\n|---|---|---|---|")
+    for word, (n, image, text) in sorted(counts.items(), key=lambda item: -item[1][0]):
+        print(f"| {word} | {n / total:.3f} | {image / n:.2f} | {text / n:.2f} |")
+
+
+def print_table(results, rows, title):
+    """The README table: masked accuracy against the text-only model, probes against random-init."""
+    text_only = results.get("text_only", {}).get("masked_accuracy")
+    random_init = results["random_init"]
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    def gain(value, reference, target):
+        if value is None or reference is None:
+            return "-"
+        return f"{(value - reference) * 100:+.1f} ({'met' if value - reference >= target else 'MISSED'})"
+
+    print(f"| row ({title}) | masked_accuracy | vs text-only (>= +30) | linear_top1 shape | vs random-init "
+          f"(>= +10) | knn_top1 shape | linear_top1_colour | vs random-init (>= +10) | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in ("random_init", *rows):
+        r = results[row]
+        masked = r.get("masked_accuracy")
+        trained = row not in ("random_init", "text_only")
+        masked_gain = gain(masked, text_only, TARGET_MASKED_GAIN) if trained else "-"
+        shape_gain = gain(r["linear_top1"], random_init["linear_top1"], TARGET_PROBE_GAIN) if trained else "-"
+        colour_gain = gain(r["linear_top1_colour"], random_init["linear_top1_colour"], TARGET_PROBE_GAIN) \
+            if trained else "-"
+        print(f"| {row} | {fmt(masked)} | {masked_gain} | {fmt(r['linear_top1'])} | {shape_gain} "
+              f"| {fmt(r['knn_top1'])} | {fmt(r['linear_top1_colour'])} | {colour_gain} "
+              f"| {r['seconds'] / 60:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
