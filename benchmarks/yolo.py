@@ -6,7 +6,8 @@
    pixels with two boxes an image, so the input pipeline costs nothing).
    keras-cv's widths are chosen to match vislearn's parameter count; both
    counts are printed. Runs alternate (A, B, A, B, ...) and each model's
-   best run counts, so a load spike on a shared machine hurts both alike.
+   best run counts (the median is printed too), so a load spike on a
+   shared machine hurts both alike.
    Target: vislearn >= 1.0x keras-cv.
 2. Export latency at batch 1: the exported SavedModel's `detect_images`
    signature (uint8 pixels in; resize, network, box decoding and per-class
@@ -16,7 +17,7 @@
    `serving_default` path (PNG bytes in, decode included) is printed too.
 
     python benchmarks/yolo.py                    # ~5 min on 2 cores
-    python benchmarks/yolo.py --steps 5 --repeats 1 --calls 20   # quick
+    python benchmarks/yolo.py --repeats 1 --calls 20            # quick
 """
 
 import argparse
@@ -110,11 +111,13 @@ def throughput(args):
             model.fit(data[name], steps_per_epoch=args.steps, epochs=1, verbose=0)
             rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
     for name in models:
-        print(f"{name:9s} train step: best {max(rates[name]):.1f} images/s "
-              f"(runs: {', '.join(f'{r:.1f}' for r in rates[name])})")
+        print(f"{name:9s} train step: best {max(rates[name]):.1f}, median {statistics.median(rates[name]):.1f} "
+              f"images/s (runs: {', '.join(f'{r:.1f}' for r in rates[name])})")
     ratio = max(rates["vislearn"]) / max(rates["keras-cv"])
-    print(f"throughput vislearn / keras-cv: {ratio:.2f}x (target >= 1.0x), input {args.image_size}, "
-          f"batch {args.batch}, {args.steps} steps a run", flush=True)
+    median_ratio = statistics.median(rates["vislearn"]) / statistics.median(rates["keras-cv"])
+    print(f"throughput vislearn / keras-cv: {ratio:.2f}x best-of-{args.repeats} (target >= 1.0x), "
+          f"{median_ratio:.2f}x median; input {args.image_size}, batch {args.batch}, {args.steps} steps a run",
+          flush=True)
     return ours
 
 
@@ -169,8 +172,9 @@ def main():
     parser.add_argument("--depth", type=float, default=0.33, help="depth multiplier (YOLOv8n: 0.33)")
     parser.add_argument("--width-search", type=int, nargs=2, default=[28, 32],
                         help="keras-cv base channel counts tried to match the parameter count")
-    parser.add_argument("--steps", type=int, default=10, help="train steps a timed run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="train steps a timed run")
+    parser.add_argument("--repeats", type=int, default=6, help="timed runs a model (short runs, many: load "
+                        "spikes on a shared machine then spoil only some of them)")
     parser.add_argument("--calls", type=int, default=50, help="timed calls a latency path")
     args = parser.parse_args()
     model = throughput(args)
