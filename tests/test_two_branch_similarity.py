@@ -122,6 +122,16 @@ def test_recipe_fit_writes_retrieval_metrics(run):
     assert "name: two_branch_similarity" in resolved and "- circle" in resolved
 
 
+def test_index_build_refuses_a_similarity_run(run):
+    """A cosine index of the branch embeddings is not what this model scores."""
+    from vislearn.config import ConfigError
+    from vislearn.index import build_index
+
+    root, _ = run
+    with pytest.raises(ConfigError, match="scores pairs with a network"):
+        build_index(root / "run", root / "lookups", "shapes", captions=root / "data" / "dataset_captioned_shapes.json")
+
+
 def test_export_score_signature_matches_model(tmp_path):
     from PIL import Image
 

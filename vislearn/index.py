@@ -174,6 +174,12 @@ def build_index(run_dir, base, name, images=None, captions=None, version=None, c
     if not hasattr(model, "embed_text"):
         raise ConfigError(f"{run_dir}: method {recipe['model']['name']!r} has no text branch; "
                           "index build needs an image-text model (e.g. two_branch)")
+    if recipe["model"]["name"] == "two_branch_similarity":
+        # Its score is a network over the pair; a cosine index of the branch
+        # embeddings would rank by something the model was never trained on.
+        raise ConfigError(f"{run_dir}: method 'two_branch_similarity' scores pairs with a network, which an "
+                          "embedding index cannot hold; score with its export's `score` signature, or index "
+                          "a two_branch (embedding network) run")
     return index_model(model, data.image_shape, base, name, images, captions, version, chunk_size, gallery)
 
 
