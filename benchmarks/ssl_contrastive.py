@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ssl_pretext import run_rows, summary  # noqa: E402  (the same protocol rows)
+from ssl_pretext import print_table, run_rows, summary  # noqa: E402  (the same protocol rows)
 
 METHODS = ("simclr", "moco_v2", "mochi")
 TARGET_GAIN = 0.10     # each method should beat random-init linear_top1 by >= 10 points
@@ -34,19 +34,8 @@ def protocol(args):
     rows = ["random_init", *args.methods, "supervised"]
     results, elapsed = run_rows(rows, args)
 
-    random_linear, _ = summary(results["random_init"]["linear_top1"])
+    print_table(results, rows, TARGET_GAIN, f"digits, {len(args.seeds)} seeds, epochs {args.epochs or 'recipe'}")
     supervised_linear, _ = summary(results["supervised"]["linear_top1"])
-    print()
-    print(f"| encoder (digits, {len(args.seeds)} seeds, epochs {args.epochs or 'recipe'}) | linear_top1 | knn_top1 "
-          f"| linear vs random-init | >= +10 points | mean time |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        linear, linear_sd = summary(results[row]["linear_top1"])
-        knn, knn_sd = summary(results[row]["knn_top1"])
-        gain = linear - random_linear
-        met = "-" if row in ("random_init", "supervised") else ("yes" if gain >= TARGET_GAIN else "no")
-        print(f"| {row} | {linear:.4f} ± {linear_sd:.4f} | {knn:.4f} ± {knn_sd:.4f} | {gain * 100:+.1f} | {met} "
-              f"| {summary(results[row]['seconds'])[0]:.0f} s |")
     contrastive = [row for row in args.methods]
     if contrastive:
         best = max(contrastive, key=lambda row: summary(results[row]["linear_top1"])[0])

@@ -77,6 +77,23 @@ def run_rows(rows, args):
     return results, time.perf_counter() - started
 
 
+def print_table(results, rows, target_gain, caption):
+    """The markdown table of `run_rows`' results: means ± spreads, the gain in
+    linear_top1 over the random-init row and whether it reaches `target_gain`."""
+    random_linear, _ = summary(results["random_init"]["linear_top1"])
+    print()
+    print(f"| encoder ({caption}) | linear_top1 | knn_top1 | linear vs random-init "
+          f"| >= +{target_gain * 100:.0f} points | mean time |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        linear, linear_sd = summary(results[row]["linear_top1"])
+        knn, knn_sd = summary(results[row]["knn_top1"])
+        gain = linear - random_linear
+        met = "-" if row in ("random_init", "supervised") else ("yes" if gain >= target_gain else "no")
+        print(f"| {row} | {linear:.4f} ± {linear_sd:.4f} | {knn:.4f} ± {knn_sd:.4f} | {gain * 100:+.1f} | {met} "
+              f"| {summary(results[row]['seconds'])[0]:.0f} s |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -94,18 +111,9 @@ def main():
     rows = ["random_init", *args.methods, "supervised"]
     results, elapsed = run_rows(rows, args)
 
-    random_linear, _ = summary(results["random_init"]["linear_top1"])
-    print()
     labels = f"{args.probe_labels_per_class}/class" if args.probe_labels_per_class else "all"
-    print(f"| encoder (digits, {len(args.seeds)} seeds, epochs {args.epochs or 'recipe'}, probe labels {labels}) "
-          f"| linear_top1 | knn_top1 | linear vs random-init | >= +5 points |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        linear, linear_sd = summary(results[row]["linear_top1"])
-        knn, knn_sd = summary(results[row]["knn_top1"])
-        gain = linear - random_linear
-        met = "-" if row in ("random_init", "supervised") else ("yes" if gain >= TARGET_GAIN else "no")
-        print(f"| {row} | {linear:.4f} ± {linear_sd:.4f} | {knn:.4f} ± {knn_sd:.4f} | {gain * 100:+.1f} | {met} |")
+    print_table(results, rows, TARGET_GAIN,
+                f"digits, {len(args.seeds)} seeds, epochs {args.epochs or 'recipe'}, probe labels {labels}")
     print(f"\ntotal {elapsed / 60:.1f} min")
 
 
