@@ -27,3 +27,11 @@ def digits_folders_root(data_home):
     from vislearn.data.make import make_digits_folders
 
     return make_digits_folders(data_home / "digits_folders-0", seed=0)
+
+
+@pytest.fixture(scope="session")
+def mirrored_runs(tmp_path_factory, data_home, request):
+    """Every fit registered with `helpers.register_mirrored_fit`, run once in one subprocess."""
+    from helpers import run_mirrored_fits
+
+    return run_mirrored_fits(tmp_path_factory.mktemp("mirrored"), request.getfixturevalue)

@@ -22,17 +22,33 @@ def layer_round_trip(layer, inputs):
 
 def load_in_fresh_process(export_dir, signature, inputs_code):
     """Load a SavedModel in a new Python process that imports only TensorFlow,
-    call `signature` with `inputs_code` (a Python expression), and return the
-    outputs as lists plus whether vislearn/keras were imported."""
+    call `signature` with `inputs_code` (a Python expression of keyword
+    arguments), and return the outputs as lists plus whether vislearn was imported."""
+    result = call_in_fresh_process({"call": (str(export_dir), signature, f"dict({inputs_code})")})
+    assert "error" not in result["call"], result["call"]
+    return {"outputs": result["call"], "vislearn_imported": result["vislearn_imported"]}
+
+
+def call_in_fresh_process(calls):
+    """Run {label: (export dir, signature, inputs code)} in ONE new process that
+    imports only TensorFlow (one process: TensorFlow's import dominates the
+    cost). Returns {label: {output: list} or {"error": message}} and
+    "vislearn_imported"."""
     script = f"""
 import json, sys
+import numpy as np
 import tensorflow as tf
-loaded = tf.saved_model.load({str(export_dir)!r})
-fn = loaded.signatures[{signature!r}]
-outputs = fn({inputs_code})
-print(json.dumps({{"outputs": {{k: v.numpy().tolist() if v.dtype != tf.string else [x.decode() for x in v.numpy().ravel()]
-                                for k, v in outputs.items()}},
-                  "vislearn_imported": "vislearn" in sys.modules}}))
+out, loaded = {{}}, {{}}
+for label, (path, signature, code) in {calls!r}.items():
+    loaded.setdefault(path, tf.saved_model.load(path))
+    try:
+        result = loaded[path].signatures[signature](**eval(code))
+        out[label] = {{k: v.numpy().tolist() if v.dtype != tf.string else
+                      np.char.decode(v.numpy().astype(bytes)).tolist() for k, v in result.items()}}
+    except tf.errors.InvalidArgumentError as error:
+        out[label] = {{"error": error.message}}
+out["vislearn_imported"] = "vislearn" in sys.modules
+print(json.dumps(out))
 """
     import tempfile
 
@@ -54,12 +70,31 @@ def two_step_fit(model, dataset, **compile_kwargs):
     return model.fit(dataset, steps_per_epoch=2, epochs=1, verbose=0).history
 
 
-def run_cli(*args, env=None, timeout=600, cwd=None):
-    """Run `vislearn ARGS...` in a fresh process; returns CompletedProcess."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run([*VISLEARN, *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd or REPO)
+def run_cli(*args, env=None, timeout=600, cwd=None, fresh_process=False):
+    """Run `vislearn ARGS...`; returns a CompletedProcess (returncode, stdout, stderr).
+
+    By default in this process through click's CliRunner: a new process costs
+    ~10 s of TensorFlow start-up, and the suite runs the CLI dozens of times.
+    `fresh_process=True` (or `cwd`) runs the real console command instead.
+    An exception the CLI lets escape shows as a traceback in stderr and
+    return code 1, as it would in a terminal.
+    """
+    if fresh_process or cwd is not None:
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        return subprocess.run([*VISLEARN, *map(str, args)], capture_output=True, text=True,
+                              env=full_env, timeout=timeout, cwd=cwd or REPO)
+    import traceback
+
+    from click.testing import CliRunner
+
+    from vislearn.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=True)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
 
 
 def quick_fit_args(root, run_dir, epochs=1, steps=2):
@@ -67,3 +102,70 @@ def quick_fit_args(root, run_dir, epochs=1, steps=2):
     return ["fit", "dann_digits", "--run-dir", run_dir, "--set", f"data.root={root}",
             "--set", f"train.epochs={epochs}", "--set", f"train.steps_per_epoch={steps}",
             "--set", "data.batch_size=32"]
+
+
+# ---------------------------------------------------------------- mirrored fits, all in one process
+#
+# Every method's recipe must fit under MirroredStrategy on two logical CPUs, and
+# that needs a process of its own (logical devices are fixed when TensorFlow
+# starts). One subprocess per method cost ~25-45 s each, mostly start-up, so
+# test modules register their fit here at import and the session fixture
+# `mirrored_runs` (conftest.py) runs all of them in ONE subprocess.
+
+MIRRORED_FITS = {}
+
+
+def register_mirrored_fit(name, recipe, overrides, make_data=None, fixtures=()):
+    """Ask for `vislearn fit RECIPE --strategy mirrored --set OVERRIDES...`.
+
+    make_data: optional `(data_dir, **fixtures) -> root`; its result is passed
+        as `data.root`. fixtures: names of session fixtures it needs.
+    The run lands in `mirrored_runs[name] / "run"`, the data in `.../data`.
+    """
+    MIRRORED_FITS[name] = {"recipe": recipe, "overrides": list(overrides), "make_data": make_data,
+                           "fixtures": tuple(fixtures)}
+
+
+MIRRORED_SCRIPT = """
+import json, logging, sys, traceback
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from vislearn import recipes
+jobs, results = json.loads(sys.argv[1]), {}
+for name, job in jobs.items():
+    try:
+        config, source = recipes.load_recipe(job["recipe"], job["overrides"])
+        recipes.fit(config, source, job["run_dir"], "mirrored", verbose=0)
+        results[name] = "ok"
+    except BaseException:
+        results[name] = traceback.format_exc()[-3000:]
+print(json.dumps(results))
+"""
+
+
+def run_mirrored_fits(root, fixture_value):
+    """Run every registered fit in one subprocess; returns {name: (run root, error or None, stderr)}."""
+    jobs = {}
+    for name, job in MIRRORED_FITS.items():
+        job_root = Path(root) / name
+        job_root.mkdir(parents=True, exist_ok=True)
+        overrides = list(job["overrides"])
+        if job["make_data"] is not None:
+            kwargs = {f: fixture_value(f) for f in job["fixtures"]}
+            overrides.append(f"data.root={job['make_data'](job_root / 'data', **kwargs)}")
+        jobs[name] = {"recipe": job["recipe"], "overrides": overrides, "run_dir": str(job_root / "run")}
+    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(jobs)], capture_output=True,
+                            text=True, timeout=1200, env=dict(os.environ, VISLEARN_LOGICAL_CPUS="2"), cwd=REPO)
+    try:
+        outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        outcome = {name: f"the mirrored-fit process failed: {result.stderr[-3000:]}" for name in jobs}
+    return {name: (Path(root) / name, None if outcome.get(name) == "ok" else outcome.get(name, "no result"),
+                   result.stderr) for name in jobs}
+
+
+def mirrored_run(runs, name):
+    """The run root of a registered fit, after checking it trained under MirroredStrategy."""
+    root, error, log = runs[name]
+    assert error is None, error
+    assert f"run in {root / 'run'} (MirroredStrategy)" in log, log[-3000:]
+    return root

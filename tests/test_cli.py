@@ -14,7 +14,8 @@ from helpers import VISLEARN, REPO, quick_fit_args, run_cli
 @pytest.fixture(scope="module")
 def trained_run(digits_m_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "dann"
-    result = run_cli(*quick_fit_args(digits_m_root, run_dir, epochs=1, steps=3))
+    # The real console command in its own process (elsewhere the suite runs the CLI in-process).
+    result = run_cli(*quick_fit_args(digits_m_root, run_dir, epochs=1, steps=3), fresh_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 

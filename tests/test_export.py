@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import load_in_fresh_process, quick_fit_args, run_cli
+from helpers import call_in_fresh_process, quick_fit_args, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,12 @@ def test_round_trip_in_fresh_process_matches_in_process_model(exported, digits_m
     version = exported / "models" / "dann_digits" / "3"
     paths = sorted((digits_m_root / "target" / "test" / "4").glob("*.png"))[:3]
     encoded = [p.read_bytes() for p in paths]
-    result = load_in_fresh_process(version, "serving_default", f"images=tf.constant({encoded!r})")
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) / 255 for p in paths])
+    result = call_in_fresh_process({  # both signatures in one new process
+        "bytes": (str(version), "serving_default", f"dict(images=tf.constant({encoded!r}))"),
+        "floats": (str(version), "predict_images", f"dict(images=tf.constant({pixels.tolist()!r}))")})
     assert result["vislearn_imported"] is False
-    outputs = result["outputs"]
+    outputs = result["bytes"]
     probabilities = np.array(outputs["probabilities"])
     assert probabilities.shape == (3, 10)
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
@@ -50,10 +53,8 @@ def test_round_trip_in_fresh_process_matches_in_process_model(exported, digits_m
     from vislearn.recipes import load_trained
 
     _, model, _ = load_trained(exported / "run")
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) / 255 for p in paths])
     np.testing.assert_allclose(model(pixels), probabilities, atol=1e-4)
-    floats = load_in_fresh_process(version, "predict_images", f"images=tf.constant({pixels.tolist()!r})")
-    np.testing.assert_allclose(floats["outputs"]["probabilities"], probabilities, atol=1e-4)
+    np.testing.assert_allclose(result["floats"]["probabilities"], probabilities, atol=1e-4)
 
 
 def test_predict_writes_annotated_pngs(exported, digits_m_root, tmp_path):

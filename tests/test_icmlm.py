@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import run_cli
+from helpers import mirrored_run, register_mirrored_fit
 from vislearn import recipes
 from vislearn.backbones import build_backbone
 from vislearn.config import ConfigError
@@ -155,15 +155,13 @@ def test_captions_without_concepts_and_missing_images(tmp_path):
 # ---------------------------------------------------------------- recipe fit, export, transfer
 
 
+register_mirrored_fit("icmlm", "icmlm_shapes", TINY_FIT[1::2], make_data=lambda data: make_captioned_shapes(
+    data, n_train=24, n_val=16, n_test=24, image_size=32, max_objects=1))
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("icmlm")
-    data = make_captioned_shapes(root / "data", n_train=24, n_val=16, n_test=24, image_size=32, max_objects=1)
-    result = run_cli("fit", "icmlm_shapes", "--run-dir", root / "run", "--strategy", "mirrored",
-                     "--set", f"data.root={data}", *TINY_FIT, env={"VISLEARN_LOGICAL_CPUS": "2"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MirroredStrategy" in result.stderr
-    return root
+def run(mirrored_runs):
+    return mirrored_run(mirrored_runs, "icmlm")
 
 
 @pytest.mark.slow  # the module's mirrored CLI fit: ~85 s of this file's wall time on the loaded 2-core machine

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import load_in_fresh_process, run_cli
+from helpers import call_in_fresh_process, run_cli
 from vislearn import recipes
 from vislearn.backbones import build_backbone, pretrained_encoder
 from vislearn.config import ConfigError
@@ -46,11 +46,10 @@ def test_export_is_an_image_embedder_loaded_without_vislearn(rotnet_run, digits_
     version = tmp_path / "serving" / "ssl" / "1"
     files = sorted((digits_folders_root / "test" / "7").glob("*.png"))[:3]
     encoded = [f.read_bytes() for f in files]
-    outputs = {}
-    for signature in ("embed_image", "serving_default"):
-        result = load_in_fresh_process(version, signature, f"images=tf.constant({encoded!r})")
-        assert not result["vislearn_imported"]
-        outputs[signature] = np.array(result["outputs"]["embeddings"])
+    result = call_in_fresh_process({signature: (str(version), signature, f"dict(images=tf.constant({encoded!r}))")
+                                    for signature in ("embed_image", "serving_default")})
+    assert not result["vislearn_imported"]
+    outputs = {signature: np.array(result[signature]["embeddings"]) for signature in ("embed_image", "serving_default")}
     np.testing.assert_allclose(outputs["embed_image"], outputs["serving_default"])
     np.testing.assert_allclose(np.linalg.norm(outputs["embed_image"], axis=1), 1.0, rtol=1e-5)
     # Same vectors as the run's encoder in-process.

@@ -3,16 +3,12 @@ embed_image / embed_text, lookup models built by `index build`, all loaded in a
 process that imports only TensorFlow."""
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import run_cli
+from helpers import call_in_fresh_process, mirrored_run, register_mirrored_fit
 from vislearn import recipes
 from vislearn.data.captioned_shapes import make_captioned_shapes
 from vislearn.data.folders import decode_image
@@ -25,47 +21,19 @@ TINY = ["--set", "data.image_size=[32, 32]", "--set", "data.batch_size=8", "--se
         "--set", "model.word_dim=16", "--set", "model.backbone={name: small_cnn, width: 8, depth: 2}"]
 
 
+register_mirrored_fit("two_branch", "two_branch_shapes", TINY[1::2], make_data=lambda data: make_captioned_shapes(
+    data, n_train=40, n_val=8, n_test=16, image_size=32))
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("two_branch")
-    data = make_captioned_shapes(root / "data", n_train=40, n_val=8, n_test=16, image_size=32)
-    result = run_cli("fit", "two_branch_shapes", "--run-dir", root / "run", "--strategy", "mirrored",
-                     "--set", f"data.root={data}", *TINY, env={"VISLEARN_LOGICAL_CPUS": "2"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MirroredStrategy" in result.stderr
-    return root
+def run(mirrored_runs):
+    return mirrored_run(mirrored_runs, "two_branch")
 
 
 @pytest.fixture(scope="module")
 def trained(run):
     """(recipe, model, data) of the run, loaded once in this process."""
     return recipes.load_trained(run / "run")
-
-
-def call_in_fresh_process(calls):
-    """Run {label: (export dir, signature, inputs code)} in ONE new process that
-    imports only TensorFlow (one process: TensorFlow's import dominates the cost)."""
-    script = f"""
-import json, sys
-import tensorflow as tf
-out, loaded = {{}}, {{}}
-for label, (path, signature, code) in {calls!r}.items():
-    loaded.setdefault(path, tf.saved_model.load(path))
-    try:
-        result = loaded[path].signatures[signature](**eval(code))
-        out[label] = {{k: v.numpy().tolist() if v.dtype != tf.string else
-                      [[x.decode() for x in row] for row in v.numpy()] for k, v in result.items()}}
-    except tf.errors.InvalidArgumentError as error:
-        out[label] = {{"error": error.message}}
-out["vislearn_imported"] = "vislearn" in sys.modules
-print(json.dumps(out))
-"""
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
-        file.write(script)
-    result = subprocess.run([sys.executable, file.name], capture_output=True, text=True, timeout=300)
-    os.unlink(file.name)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 CAPTIONS = ["a large red circle on a photo of a cat", "two shapes: a blue star and a green cross",
@@ -161,3 +129,41 @@ def test_index_build_bad_input(run, tmp_path):
     (tmp_path / "good.txt").write_text("a red circle\n")
     with pytest.raises(ValueError, match="not a run dir"):
         build_index(tmp_path, tmp_path, "x", captions=tmp_path / "good.txt")
+
+
+def test_image_constraint_neighbours_are_images_sharing_a_caption():
+    from vislearn.models.two_branch import TwoBranch
+
+    captions = [["A red circle.", "one shape"], ["a red circle", "a cat"], ["two shapes", "a dog"]]
+    model = TwoBranch(image_shape=(16, 16, 3), vocabulary=["a", "red", "circle", "cat", "dog", "shapes"],
+                      backbone={"name": "small_cnn", "width": 4, "depth": 1}, word_dim=8, hidden_units=16,
+                      embed_dim=8, image_weight=0.5)
+    data = {"image": tf.random.stateless_uniform((3, 16, 16, 3), seed=(0, 1)), "captions": tf.constant(captions)}
+    sentence_image, neighbours = model._loss_targets(data, tf.constant([0, 0, 1, 1, 2, 2]))
+    np.testing.assert_array_equal(neighbours.numpy(), [[1, 1, 0], [1, 1, 0], [0, 0, 1]])  # case, punctuation ignored
+    # The step's loss includes image_weight x the image term.
+    _, images, sentences = model._embed_batch(data, training=False)
+    terms = model.loss_fn.terms(sentence_image, images, sentences, neighbours)
+    assert float(terms["image_image"]) > 0
+    expected = (1.5 * terms["sentence_to_image"] + terms["image_to_sentence"] + 0.05 * terms["sentence_sentence"]
+                + 0.5 * terms["image_image"])
+    np.testing.assert_allclose(float(model.loss_fn((sentence_image, neighbours), (images, sentences))),
+                               float(expected), rtol=1e-5)
+    assert TwoBranch.from_config(model.get_config()).loss_fn.image_weight == 0.5
+    model.compile(optimizer="adam")
+    assert np.isfinite(model.fit(tf.data.Dataset.from_tensors(data), epochs=1, verbose=0).history["loss"][0])
+
+
+def test_default_word_embedding_keeps_the_checkpoint_layout_of_earlier_runs(tmp_path):
+    """Checkpoints name layers by class: the default text branch must stay a
+    plain `Embedding` so runs trained before word vectors existed still load."""
+    import h5py
+
+    from vislearn.models.two_branch import TwoBranch
+
+    model = TwoBranch(image_shape=(16, 16, 3), vocabulary=["a", "red", "circle"],
+                      backbone={"name": "small_cnn", "width": 4, "depth": 1}, word_dim=8, hidden_units=16, embed_dim=8)
+    model.build()
+    model.save_weights(tmp_path / "w.weights.h5")
+    with h5py.File(tmp_path / "w.weights.h5") as weights:
+        assert weights["layers/embedding/vars/0"].shape == (5, 8)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import run_cli
+from helpers import mirrored_run, register_mirrored_fit
 from vislearn.data.captioned_shapes import make_captioned_shapes
 from vislearn.evaluation.retrieval import RECALL_AT
 from vislearn.models.two_branch_similarity import PairLogisticLoss, TwoBranchSimilarity, scored_retrieval_metrics
@@ -99,15 +99,13 @@ def test_score_matrix_and_metrics_equal_brute_force():
         assert metrics[f"t2i_r{k}"] == pytest.approx(t2i) and metrics[f"i2t_r{k}"] == pytest.approx(i2t)
 
 
+register_mirrored_fit("two_branch_similarity", "two_branch_similarity_shapes", TINY,
+                      make_data=lambda data: make_captioned_shapes(data, n_train=24, n_val=8, n_test=12, image_size=32))
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("two_branch_similarity")
-    data = make_captioned_shapes(root / "data", n_train=24, n_val=8, n_test=12, image_size=32)
-    overrides = [arg for key in (f"data.root={data}", *TINY) for arg in ("--set", key)]
-    result = run_cli("fit", "two_branch_similarity_shapes", "--run-dir", root / "run", "--strategy", "mirrored",
-                     *overrides, env={"VISLEARN_LOGICAL_CPUS": "2"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MirroredStrategy" in result.stderr
+def run(mirrored_runs):
+    root = mirrored_run(mirrored_runs, "two_branch_similarity")
     return root, json.loads((root / "run" / "metrics.json").read_text())
 
 

@@ -183,6 +183,39 @@ def index_build_command(run_dir, images, captions, base, name, version, chunk_si
     click.echo(str(build_index(run_dir, base, name, images, captions, version, chunk_size)))
 
 
+@main.group("features")
+def features_group():
+    """Precomputed image features (two_branch recipes: data.features, model.backbone: features)."""
+
+
+@features_group.command("extract")
+@click.option("--captions", required=True, type=click.Path(), help="Karpathy-split caption JSON "
+              "(captioned_shapes: DIR/dataset_captioned_shapes.json).")
+@click.option("--images", required=True, type=click.Path(), help="Folder the JSON's file names are relative to "
+              "(captioned_shapes: DIR/images).")
+@click.option("--backbone", required=True, help="A vislearn backbone name, a YAML/JSON spec such as "
+              "'{name: small_cnn, width: 16}' (or a file holding one), or a keras.applications model name "
+              "(e.g. MobileNetV3Small; built with include_top=False, pooling='avg').")
+@click.option("--weights", type=click.Path(), help="Local .weights.h5/.keras/.h5 file of the backbone (nothing "
+              "is downloaded; without it the backbone is freshly initialised and its weights are saved to OUT).")
+@click.option("--image-size", default=(64,), show_default=True, type=int, multiple=True,
+              help="Side images are resized to; give twice for HEIGHT WIDTH.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Images per forward pass.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (new or empty).")
+@user_errors
+def features_extract_command(captions, images, backbone, weights, image_size, batch_size, out):
+    """Cache a frozen backbone's feature vectors of every image of a caption set:
+    OUT/<split>.npy (float32, rows in the caption file's order) + OUT/manifest.json."""
+    from vislearn.config import ConfigError
+    from vislearn.features import extract_features, parse_backbone
+
+    if len(image_size) > 2:
+        raise ConfigError(f"--image-size: give it once (a side) or twice (height, width), received {list(image_size)}")
+    size = list(image_size) * (2 // len(image_size))
+    spec = parse_backbone(backbone)
+    click.echo(str(extract_features(captions, images, spec, out, weights, size, batch_size)))
+
+
 from vislearn.serving.commands import query_group, serve_command, serving_group  # noqa: E402
 main.add_command(serve_command, "serve")
 main.add_command(query_group, "query")

@@ -14,6 +14,8 @@ def use_logical_cpus(count):
     """Split the host CPU into `count` logical devices (must run before TF
     initialises its devices); lets MirroredStrategy run on a CPU-only machine."""
     cpus = tf.config.list_physical_devices("CPU")
+    if len(tf.config.get_logical_device_configuration(cpus[0]) or ()) == count:
+        return  # already split (several fits in one process)
     tf.config.set_logical_device_configuration(
         cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
 
@@ -77,7 +79,11 @@ def make_strategy(name="auto"):
     if resolved == "mirrored":
         if tf.config.list_physical_devices("GPU"):
             return tf.distribute.MirroredStrategy()
-        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+        # Reduce on one device: the default collective all-reduce reuses its
+        # instance keys in every new strategy, so a second fit in the same
+        # process aborted with "Shape mismatch in the collective instance 100".
+        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")],
+                                              cross_device_ops=tf.distribute.ReductionToOneDevice())
     if resolved == "multi_worker":
         if worker_count() < 1:
             raise ConfigError("--strategy multi_worker: TF_CONFIG names no workers")

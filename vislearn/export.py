@@ -208,6 +208,14 @@ def export_image_embedder(encoder, path, image_shape, description=""):
     return Path(path)
 
 
+def check_image_input(model):
+    """Refuse a features-mode model without its extraction backbone: its
+    `embed_image` takes feature vectors, not the images an export decodes."""
+    if getattr(model, "feature_dim", None) and getattr(model, "extractor", None) is None:
+        raise ConfigError("export: the model embeds cached feature vectors (model.backbone: features); wrap it "
+                          "with vislearn.features.WithExtractor (its extraction backbone) to export embed_image")
+
+
 def export_text_image_embedder(model, path, image_shape, description=""):
     """Export an image-text embedding model (e.g. `TwoBranch`): both branches,
     one joint space. The tokenizer (lower-casing, punctuation stripping,
@@ -220,7 +228,13 @@ def export_text_image_embedder(model, path, image_shape, description=""):
         embed_text: `texts` string [batch] -> `embeddings` float32 [batch, dim];
             unknown words map to the out-of-vocabulary token, and an empty
             string embeds as a caption without words (a fixed vector).
+
+    A model trained on cached features (`model.backbone: features`) must come
+    with its extraction backbone in front (`vislearn.features.WithExtractor`,
+    what `vislearn.recipes.load_trained` returns), so `embed_image` still
+    takes encoded images.
     """
+    check_image_input(model)
 
     def embed_image(images):
         return {"embeddings": model.embed_image(decode_batch(images, image_shape), training=False)}

@@ -193,11 +193,29 @@ def _representation_method(model_class, data_args=lambda model: {}, **overrides)
 
 
 def _two_branch_model_args(model_args, data, total_steps):
+    from vislearn.features import FEATURES_BACKBONE, features_backbone_dim
     from vislearn.models.two_branch import build_vocabulary
 
     filled = _fill_from_data(model_args, data, keys=("image_shape",))
     if not filled.get("vocabulary"):  # the training captions' words, written to the run's recipe.yaml
         filled["vocabulary"] = build_vocabulary(data.train_captions)
+    backbone = filled.get("backbone")
+    try:
+        dim = features_backbone_dim(backbone)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    cache = data.features
+    if cache is not None:  # the image MLP takes the cached vectors; their width comes from the manifest
+        if backbone is not None and dim is None:
+            raise ConfigError(f"model.backbone: {backbone!r} is an image backbone, but data.features feeds the "
+                              f"cached features of {cache.manifest_file}; set model.backbone: {FEATURES_BACKBONE}")
+        if dim and dim != cache.feature_dim:
+            raise ConfigError(f"model.backbone.dim: {dim} does not match the {cache.feature_dim}-wide features of "
+                              f"{cache.manifest_file}")
+        filled["backbone"] = {"name": FEATURES_BACKBONE, "dim": cache.feature_dim}
+    elif dim is not None:
+        raise ConfigError(f"model.backbone: {FEATURES_BACKBONE!r} trains on cached features; set data.features to "
+                          "a `vislearn features extract` output folder")
     return filled
 
 
@@ -269,6 +287,7 @@ class Method:
     monitor: str = "val_accuracy"
     callbacks: Callable = lambda model, data: []  # (model, data) -> extra Keras callbacks
     export_options: Callable = export_section  # its keyword arguments are the `export:` keys
+    features: bool = False      # trains on cached image features (`data.features`) when given
 
 
 def _methods():
@@ -320,6 +339,7 @@ def _methods():
             export=_text_image_export,
             monitor="val_rsum",  # written by the retrieval monitor on the val split
             callbacks=_retrieval_monitor,
+            features=True,
         )),
         "two_branch_similarity": dataclasses.replace(  # two_branch's data and recipe; pairs scored by a network
             two_branch,
@@ -434,6 +454,9 @@ def validate(recipe, source):
                           f"expected one of {list(method.datasets)}")
     check_arguments(builder, data, f"{source}: data",
                     skip=("seed", "target_as_source", "train_targets", "num_exemplars"))
+    if data.get("features") is not None and not method.features:
+        raise ConfigError(f"{source}: data.features: method {method_name!r} trains on images; cached features "
+                          "feed two_branch and two_branch_similarity")
 
     optimizer = dict(recipe.get("optimizer") or {})
     optimizer_class = pick(OPTIMIZERS, optimizer.pop("name", "adam"), f"{source}: optimizer.name")
@@ -498,12 +521,17 @@ def build_model(recipe, model_section):
     model_args = dict(model_section)
     model_args.pop("name")
     model = method_of(recipe).model_class(**model_args)
-    model.build((None, *model.image_shape))
+    # A model on cached features takes [batch, dim] (what a SavedModel's default signature records).
+    model.build((None, model.feature_dim) if getattr(model, "feature_dim", None) else (None, *model.image_shape))
     return model
 
 
-def load_trained(run_dir):
+def load_trained(run_dir, image_input=True):
     """Rebuild a run's model from its recipe and load its best (else last) weights.
+
+    A model trained on cached features (`data.features`) comes back, with
+    `image_input`, behind its extraction backbone (rebuilt from the features'
+    manifest), so it embeds images too (exports, index build).
 
     Returns (recipe, model, data)."""
     import keras
@@ -521,8 +549,15 @@ def load_trained(run_dir):
                           "has the run finished an epoch?")
     keras.utils.set_random_seed(recipe["train"]["seed"])
     data = build_data(recipe)
-    model = build_model(recipe, recipe["model"])
+    model_section = dict(recipe["model"])
+    if model_section.get("word_vectors"):
+        model_section["word_vectors"] = None  # the checkpoint restores those rows; the file may be gone
+    model = build_model(recipe, model_section)
     model.load_weights(str(checkpoint))
+    if image_input and getattr(data, "features", None) is not None:
+        from vislearn.features import WithExtractor
+
+        model = WithExtractor(model, data.features.extractor())
     return recipe, model, data
 
 
@@ -533,6 +568,10 @@ def _comparable(recipe, model_keys=None):
     comparable = {k: v for k, v in recipe.items() if k not in RESUMABLE_DIFFERENCES}
     if model_keys is not None:  # ignore model values vislearn derived from the data
         comparable["model"] = {k: v for k, v in comparable.get("model", {}).items() if k in model_keys}
+        given, derived = model_keys.get("backbone"), comparable["model"].get("backbone")
+        if given in ("features", {"name": "features"}) and isinstance(derived, dict) \
+                and derived.get("name") == "features":
+            comparable["model"]["backbone"] = given  # its dim was filled in from data.features
     return comparable
 
 
@@ -644,7 +683,7 @@ def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None):
 
 
 def evaluate(run_dir):
-    recipe, model, data = load_trained(run_dir)
+    recipe, model, data = load_trained(run_dir, image_input=False)
     return method_of(recipe).metrics(model, data)
 
 

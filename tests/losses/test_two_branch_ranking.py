@@ -87,3 +87,45 @@ def test_bad_options():
         BidirectionalRankingLoss(negatives="semi_hard")
     with pytest.raises(ValueError, match="top_k"):
         BidirectionalRankingLoss(top_k=0)
+
+
+def image_image_reference(images, neighbours, margin, k, mode):
+    """The image constraint by loops: farthest neighbour + m < every non-neighbour."""
+    d = lambda a, b: float(np.sum((a - b) ** 2))  # noqa: E731
+    n = len(images)
+    values = []
+    for i in range(n):
+        near = [j for j in range(n) if j != i and neighbours[i, j]]
+        if near:
+            far = max(d(images[i], images[j]) for j in near)
+            hinges = np.array([max(0.0, margin + far - d(images[i], images[j])) for j in range(n)])
+            others = np.array([j != i and not neighbours[i, j] for j in range(n)])
+            values.append(_reduce(hinges, others, mode, k))
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("mode,k", [("top_k", 10), ("top_k", 2), ("hardest", 10), ("sum", 10)])
+def test_image_constraint_matches_numpy_reference(mode, k):
+    rng = np.random.default_rng(3)
+    sentence_image = np.repeat(np.arange(8), 2)
+    images, sentences = _normalised(rng, (8, 6)), _normalised(rng, (16, 6))
+    # Images 0-2 share a sentence, 3-4 too; 5-7 have no neighbour (skipped).
+    neighbours = np.zeros((8, 8), bool)
+    for group in ((0, 1, 2), (3, 4)):
+        for a in group:
+            for b in group:
+                neighbours[a, b] = True
+    loss = BidirectionalRankingLoss(margin=0.3, top_k=k, negatives=mode, image_weight=0.7)
+    expected_image = image_image_reference(images, neighbours, 0.3, k, mode)
+    assert expected_image > 0
+    got = loss.terms(sentence_image, images, sentences, neighbours)["image_image"]
+    np.testing.assert_allclose(float(got), expected_image, rtol=1e-4)
+    # The total adds image_weight times it to the other three terms.
+    base, _ = reference(sentence_image, images, sentences, 0.3, k, mode, 1.5, 1.0, 0.05)
+    total = float(loss((sentence_image, neighbours), (images, sentences)))
+    np.testing.assert_allclose(total, base + 0.7 * expected_image, rtol=1e-4)
+    with pytest.raises(ValueError, match="image_weight is set"):
+        loss(sentence_image, (images, sentences))
+    # Off by default: the pair form of y_true then changes nothing.
+    plain = BidirectionalRankingLoss(margin=0.3, top_k=k, negatives=mode)
+    np.testing.assert_allclose(float(plain((sentence_image, neighbours), (images, sentences))), base, rtol=1e-4)

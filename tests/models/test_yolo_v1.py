@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import run_cli
+from helpers import mirrored_run, register_mirrored_fit, run_cli
 from vislearn import recipes
 from vislearn.config import ConfigError
 from vislearn.data import shapes_on_photos
@@ -143,12 +143,8 @@ def test_plain_model_fit_in_a_user_script(data_home):
     assert detections["detection_boxes"].shape == (4, 100, 4)
 
 
-def test_fit_under_mirrored_strategy_on_two_logical_cpus(data_home, tmp_path):
-    run_dir = tmp_path / "mirrored"
-    result = run_cli("fit", "yolo_shapes", "--run-dir", run_dir, *_tiny_overrides(steps=2),
-                     "--strategy", "mirrored", env={"VISLEARN_LOGICAL_CPUS": "2", "VISLEARN_DATA": str(data_home)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MirroredStrategy" in result.stderr
+def test_fit_under_mirrored_strategy_on_two_logical_cpus(mirrored_runs):
+    run_dir = mirrored_run(mirrored_runs, "yolo_v1") / "run"
     history = (run_dir / "history.csv").read_text().splitlines()
     assert len(history) == 2 and "nan" not in history[1]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -164,6 +160,9 @@ def _tiny_overrides(steps=None, epochs=1, image=64, n_train=48, n_test=24):
         overrides.append(f"train.steps_per_epoch={steps}")
     return [arg for o in overrides for arg in ("--set", o)]
 
+
+# shapes_on_photos is made under the session's VISLEARN_DATA on first use.
+register_mirrored_fit("yolo_v1", "yolo_shapes", _tiny_overrides(steps=2)[1::2])
 
 def test_recipe_errors_name_the_key():
     """In process (the CLI's one-line / exit-code-2 path is tested in test_recipes.py)."""

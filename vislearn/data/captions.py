@@ -13,6 +13,13 @@ without replacement, so every caption has its image and its sibling captions
 Evaluation splits (`val`, `test`) are `RetrievalSplit`s: every image once, in
 order, and all its captions, flattened, with the row of the image each
 caption belongs to.
+
+With `features` (a `vislearn features extract` folder) the images are never
+read: batches and splits carry each image's cached feature vector instead,
+
+    features: float32 [batch_size, feature_dim]
+
+and the sampling of images and captions is the same.
 """
 
 import dataclasses
@@ -32,7 +39,7 @@ TRAIN_SPLITS = ("train", "restval")  # Karpathy's COCO split trains on restval t
 
 @dataclasses.dataclass
 class RetrievalSplit:
-    images: tf.data.Dataset      # batched float32 images in file order
+    images: tf.data.Dataset      # batched float32 images (or cached feature vectors) in file order
     captions: list               # every caption of every image, image by image
     caption_image: np.ndarray    # int64 [len(captions)]: row of the caption's image
     filenames: list              # image paths, in row order
@@ -53,6 +60,7 @@ class CaptionData:
     counts: dict
     batch_size: int
     captions_per_image: int
+    features: object = None          # the `vislearn.features.FeatureCache` the batches carry, if any
 
 
 # ---------------------------------------------------------------- readers
@@ -181,36 +189,48 @@ def _options():
     return options
 
 
-def neighbourhood_batches(records, image_size, batch_size, captions_per_image, seed, repeat=True):
+def neighbourhood_batches(records, image_size, batch_size, captions_per_image, seed, repeat=True, features=None):
     """Neighbourhood-sampled batches (see the module docstring) of `records`.
 
     With `repeat` the stream is shuffled and infinite; without, it is one pass
-    in order (for validation losses)."""
+    in order (for validation losses). `features` (float32 [len(records), dim])
+    replaces the images by their cached feature vectors."""
     paths, captions, counts = _padded(records)
-    images = _decoded(paths, image_size).cache()
+    if features is None:
+        images = _decoded(paths, image_size).cache()
+        key, to_input = "image", lambda image: tf.cast(image, tf.float32) / 255.0
+    else:
+        images = tf.data.Dataset.from_tensor_slices(features)
+        key, to_input = "features", lambda vector: vector
     dataset = tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices((captions, counts))))
     if repeat:
         dataset = dataset.shuffle(len(paths), seed=seed).repeat()
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
     dataset = tf.data.Dataset.zip((dataset, seeds)).map(
         lambda pair, element_seed: {
-            "image": tf.cast(pair[0], tf.float32) / 255.0,
+            key: to_input(pair[0]),
             "captions": sample_captions(pair[1][0], pair[1][1], captions_per_image, element_seed),
         }, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size, drop_remainder=True).with_options(_options()).prefetch(tf.data.AUTOTUNE)
 
 
-def retrieval_split(records, image_size, batch_size=64):
+def retrieval_split(records, image_size, batch_size=64, features=None):
     paths = [p for p, _ in records]
     captions = [c for _, image_captions in records for c in image_captions]
     caption_image = np.repeat(np.arange(len(records)), [len(c) for _, c in records]).astype(np.int64)
-    images = _decoded(paths, image_size).map(lambda image: tf.cast(image, tf.float32) / 255.0)
+    if features is None:
+        images = _decoded(paths, image_size).map(lambda image: tf.cast(image, tf.float32) / 255.0)
+    else:
+        images = tf.data.Dataset.from_tensor_slices(features)
     return RetrievalSplit(images=images.batch(batch_size).cache().prefetch(tf.data.AUTOTUNE),
                           captions=captions, caption_image=caption_image, filenames=paths)
 
 
-def caption_data(train, val, test, image_size, batch_size, captions_per_image, seed):
-    """`CaptionData` from record lists [(image path, [caption, ...]), ...]."""
+def caption_data(train, val, test, image_size, batch_size, captions_per_image, seed, features=None):
+    """`CaptionData` from record lists [(image path, [caption, ...]), ...].
+
+    `features`: optional `(FeatureCache, records -> float32 [n, dim])`; the
+    streams then carry cached feature vectors (see the module docstring)."""
     if int(captions_per_image) < 1:
         raise ConfigError(f"data.captions_per_image: expected a positive integer, received {captions_per_image!r}")
     if not train:
@@ -221,27 +241,41 @@ def caption_data(train, val, test, image_size, batch_size, captions_per_image, s
         raise ConfigError(f"data.batch_size: {batch_size} images per batch; expected 2 to the "
                           f"{len(train)} training images (negatives come from the other images of a batch)")
     image_size = tuple(int(s) for s in image_size)
+    cache, vectors = features or (None, lambda records: None)
     validation = None
     if val and len(val) >= batch_size:
-        validation = neighbourhood_batches(val, image_size, batch_size, captions_per_image, seed, repeat=False)
+        validation = neighbourhood_batches(val, image_size, batch_size, captions_per_image, seed, repeat=False,
+                                           features=vectors(val))
     return CaptionData(
-        train=neighbourhood_batches(train, image_size, batch_size, captions_per_image, seed),
+        train=neighbourhood_batches(train, image_size, batch_size, captions_per_image, seed, features=vectors(train)),
         steps_per_epoch=math.ceil(len(train) / batch_size),
         validation=validation,
-        val=retrieval_split(val, image_size, batch_size) if val else None,
-        test=retrieval_split(test, image_size, batch_size),
+        val=retrieval_split(val, image_size, batch_size, vectors(val)) if val else None,
+        test=retrieval_split(test, image_size, batch_size, vectors(test)),
         train_captions=[c for _, captions in train for c in captions],
         image_shape=(*image_size, 3),
         counts={"train": len(train), "val": len(val or []), "test": len(test),
                 "test_captions": sum(len(c) for _, c in test)},
-        batch_size=batch_size, captions_per_image=int(captions_per_image))
+        batch_size=batch_size, captions_per_image=int(captions_per_image), features=cache)
 
 
 # ---------------------------------------------------------------- builders (DATASETS)
 
 
+def cached_features(folder, annotations, image_dir, image_size):
+    """`caption_data`'s `features` argument for a `vislearn features extract`
+    folder, checked against the caption file and `data.image_size`."""
+    from vislearn.features import FeatureCache
+
+    cache = FeatureCache(folder)
+    if [int(s) for s in image_size] != cache.image_size:
+        raise ConfigError(f"data.image_size: {list(image_size)} does not match the {cache.image_size} the features "
+                          f"of {cache.manifest_file} were extracted at; set data.image_size: {cache.image_size}")
+    return cache, lambda records: cache.lookup(records, image_dir, annotations)
+
+
 def karpathy_captions(annotations, image_dir, image_size=(64, 64), batch_size=64, captions_per_image=2,
-                      eval_split="test", seed=0):
+                      eval_split="test", features=None, seed=0):
     """A Karpathy-split caption set (Flickr30k, COCO, Flickr8k, or one you write).
 
     Args:
@@ -251,14 +285,19 @@ def karpathy_captions(annotations, image_dir, image_size=(64, 64), batch_size=64
         batch_size: images per batch (each with `captions_per_image` captions).
         captions_per_image: captions drawn per image per batch (neighbourhood sampling).
         eval_split: split the metrics are computed on (`test` or `val`).
+        features: a `vislearn features extract` folder of this caption file:
+            batches carry the cached feature vectors instead of images (train
+            with `model.backbone: features`); `image_size` must be the
+            extraction's.
     """
     splits = read_karpathy(annotations, image_dir)
     if eval_split not in splits:
         raise ConfigError(f"data.eval_split: {annotations} has no {eval_split!r} split; "
                           f"it has {sorted(splits)}")
     train = [record for split in TRAIN_SPLITS for record in splits.get(split, [])]
+    cached = None if features is None else cached_features(features, annotations, image_dir, image_size)
     return caption_data(train, splits.get("val"), splits[eval_split], image_size, batch_size,
-                        captions_per_image, seed)
+                        captions_per_image, seed, cached)
 
 
 def coco_captions(train_annotations, train_images, test_annotations, test_images, image_size=(64, 64),
@@ -271,7 +310,7 @@ def coco_captions(train_annotations, train_images, test_annotations, test_images
 
 
 def captioned_shapes(root=None, image_size=(64, 64), batch_size=64, captions_per_image=2, eval_split="test",
-                     make_seed=0, seed=0):
+                     features=None, make_seed=0, seed=0):
     """The captioned-shapes set (`vislearn data make captioned_shapes`).
 
     Args:
@@ -291,4 +330,4 @@ def captioned_shapes(root=None, image_size=(64, 64), batch_size=64, captions_per
         raise ConfigError(f"data.root: {root} holds no {JSON_NAME} "
                           f"(make it with `vislearn data make captioned_shapes --out {root}`)")
     return karpathy_captions(root / JSON_NAME, root / "images", image_size, batch_size, captions_per_image,
-                             eval_split, seed)
+                             eval_split, features, seed)

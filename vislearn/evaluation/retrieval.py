@@ -94,7 +94,9 @@ def embedding_metrics(image_embeddings, caption_embeddings, caption_image, fold_
 
 def embed_split(model, split, text_batch=256):
     """(image embeddings, caption embeddings) of a `RetrievalSplit` with a
-    model that has `embed_image` and `embed_text` (e.g. `TwoBranch`)."""
+    model that has `embed_image` and `embed_text` (e.g. `TwoBranch`); a split
+    of cached feature vectors (`data.features`) goes to a model whose
+    `embed_image` takes them (`model.backbone: features`)."""
     images = np.concatenate([np.asarray(model.embed_image(batch, training=False)) for batch in split.images])
     captions = np.concatenate([
         np.asarray(model.embed_text(np.array(split.captions[i:i + text_batch], dtype=object), training=False))
@@ -134,6 +136,10 @@ def retrieval_grid(model, split, out_png, queries=8, k=5, seed=0):
 
     images, captions = embed_split(model, split)
     pixels = np.concatenate([np.asarray(batch) for batch in split.images])
+    if pixels.ndim == 2:  # a split of cached feature vectors: show the image files
+        from vislearn.data.folders import decode_image
+
+        pixels = np.stack([decode_image(open(path, "rb").read(), [64, 64]) for path in split.filenames])
     chosen = np.random.default_rng(seed).choice(len(split.captions), min(queries, len(split.captions)), replace=False)
     fig, axes = plt.subplots(len(chosen), k, figsize=(1.6 * k + 3, 1.7 * len(chosen)), squeeze=False)
     for row, query in enumerate(chosen):

@@ -9,7 +9,14 @@ than any non-matching pair by a margin m:
     sentence -> sentence (within-modal neighbourhood constraint):
         max over siblings u of d(y_s, y_u) + m < d(y_s, y_t)   for t of another image
 
-where the siblings of a sentence are the other sentences of the same image.
+    image -> image (optional):
+        max over neighbours j of d(x_i, x_j) + m < d(x_i, x_k)   for k not a neighbour
+
+where the siblings of a sentence are the other sentences of the same image,
+and the neighbours of an image are the other images that share a sentence
+with it (the dual of siblings; the caller says which, see `y_true`). In
+Flickr30K and COCO almost no two images share a sentence, which is why the
+paper uses only the sentence constraint; in generated captions they often do.
 Each constraint gives a hinge `max(0, m + d_pos - d_neg)`; per anchor the
 hinges over its negatives are reduced (`negatives`), then averaged over anchors:
 
@@ -19,7 +26,7 @@ hinges over its negatives are reduced (`negatives`), then averaged over anchors:
 - `"sum"` (sum of hinges, as in VSE0 / Kiros et al.): the sum over all negatives.
 
 The total is `sentence_to_image_weight * L(s->i) + image_to_sentence_weight *
-L(i->s) + sentence_weight * L(s->s)`.
+L(i->s) + sentence_weight * L(s->s) + image_weight * L(i->i)`.
 
 Reference:
     Wang, Li, Huang, Lazebnik, "Learning Two-Branch Neural Networks for
@@ -75,11 +82,14 @@ class BidirectionalRankingLoss(keras.losses.Loss):
         sentence_to_image_weight: weight of the sentence -> image term (1.5).
         image_to_sentence_weight: weight of the image -> sentence term (1.0).
         sentence_weight: weight of the sentence-sentence constraint (0.05; 0 turns it off).
+        image_weight: weight of the image-image constraint (0, off, as in the paper).
 
     Call arguments:
         y_true: int [num_sentences]: the row, in the image batch, of each
             sentence's image. Images of a batch must be distinct (as the
-            neighbourhood sampler makes them).
+            neighbourhood sampler makes them). Or a pair `(that, bool
+            [num_images, num_images])`, the second saying which images are
+            neighbours (the diagonal is ignored), for the image constraint.
         y_pred: `(image_embeddings [num_images, dim], sentence_embeddings
             [num_sentences, dim])`.
 
@@ -88,7 +98,8 @@ class BidirectionalRankingLoss(keras.losses.Loss):
     """
 
     def __init__(self, margin=0.05, top_k=10, negatives="top_k", sentence_to_image_weight=1.5,
-                 image_to_sentence_weight=1.0, sentence_weight=0.05, name="bidirectional_ranking", **kwargs):
+                 image_to_sentence_weight=1.0, sentence_weight=0.05, image_weight=0.0, name="bidirectional_ranking",
+                 **kwargs):
         super().__init__(name=name, **kwargs)
         if negatives not in NEGATIVES:
             raise ValueError(f"negatives: expected one of {list(NEGATIVES)}, received {negatives!r}")
@@ -100,9 +111,11 @@ class BidirectionalRankingLoss(keras.losses.Loss):
         self.sentence_to_image_weight = float(sentence_to_image_weight)
         self.image_to_sentence_weight = float(image_to_sentence_weight)
         self.sentence_weight = float(sentence_weight)
+        self.image_weight = float(image_weight)
 
-    def terms(self, sentence_image, image_embeddings, sentence_embeddings):
-        """The three unweighted terms: {"sentence_to_image", "image_to_sentence", "sentence_sentence"}."""
+    def terms(self, sentence_image, image_embeddings, sentence_embeddings, image_neighbours=None):
+        """The unweighted terms: {"sentence_to_image", "image_to_sentence",
+        "sentence_sentence"}, and "image_image" when `image_neighbours` is given."""
         sentence_image = tf.cast(tf.reshape(sentence_image, [-1]), tf.int32)
         images = tf.cast(image_embeddings, tf.float32)
         sentences = tf.cast(sentence_embeddings, tf.float32)
@@ -129,17 +142,35 @@ class BidirectionalRankingLoss(keras.losses.Loss):
         sentence_hinges = reduce(tf.maximum(self.margin + farthest_sibling[:, None] - within, 0.0), ~same_image)
         has_sibling = tf.reduce_any(siblings, axis=1)
 
-        return {"sentence_to_image": tf.reduce_mean(to_image),
-                "image_to_sentence": tf.reduce_mean(to_sentence),
-                "sentence_sentence": _masked_mean(sentence_hinges, has_sibling)}
+        terms = {"sentence_to_image": tf.reduce_mean(to_image),
+                 "image_to_sentence": tf.reduce_mean(to_sentence),
+                 "sentence_sentence": _masked_mean(sentence_hinges, has_sibling)}
+
+        if image_neighbours is not None:
+            # Image -> image, the same shape of constraint over image neighbours;
+            # images without a neighbour in the batch are skipped.
+            between = squared_distances(images, images)
+            itself = tf.eye(tf.shape(images)[0], dtype=tf.bool)
+            neighbours = tf.cast(image_neighbours, tf.bool) & ~itself
+            farthest_neighbour = tf.reduce_max(tf.where(neighbours, between, 0.0), axis=1)
+            image_hinges = reduce(tf.maximum(self.margin + farthest_neighbour[:, None] - between, 0.0),
+                                  ~neighbours & ~itself)
+            terms["image_image"] = _masked_mean(image_hinges, tf.reduce_any(neighbours, axis=1))
+        return terms
 
     def call(self, y_true, y_pred):
         image_embeddings, sentence_embeddings = y_pred
-        terms = self.terms(y_true, image_embeddings, sentence_embeddings)
+        sentence_image, image_neighbours = y_true if isinstance(y_true, (tuple, list)) else (y_true, None)
+        terms = self.terms(sentence_image, image_embeddings, sentence_embeddings,
+                           image_neighbours if self.image_weight else None)
         total = (self.sentence_to_image_weight * terms["sentence_to_image"]
                  + self.image_to_sentence_weight * terms["image_to_sentence"])
         if self.sentence_weight:
             total += self.sentence_weight * terms["sentence_sentence"]
+        if self.image_weight:
+            if image_neighbours is None:
+                raise ValueError("image_weight is set: y_true must be (sentence_image, image_neighbours)")
+            total += self.image_weight * terms["image_image"]
         return total
 
     def get_config(self):
@@ -147,5 +178,5 @@ class BidirectionalRankingLoss(keras.losses.Loss):
         config.update(margin=self.margin, top_k=self.top_k, negatives=self.negatives,
                       sentence_to_image_weight=self.sentence_to_image_weight,
                       image_to_sentence_weight=self.image_to_sentence_weight,
-                      sentence_weight=self.sentence_weight)
+                      sentence_weight=self.sentence_weight, image_weight=self.image_weight)
         return config

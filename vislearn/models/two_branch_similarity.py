@@ -61,8 +61,10 @@ class TwoBranchSimilarity(TwoBranch):
 
     Args:
         image_shape, vocabulary, backbone, text_encoder, word_dim, max_words,
-        hidden_units, embed_dim, dropout, batchnorm_momentum: the two
-            branches, as in `TwoBranch`.
+        transformer_layers, transformer_heads, transformer_intermediate_dim,
+        transformer_dropout, word_vectors, train_word_vectors, hidden_units,
+        embed_dim, dropout, batchnorm_momentum: the two branches, as in
+            `TwoBranch`.
         similarity_units: width of the FC layer after the element-wise product.
         negatives_per_positive: mismatched pairs sampled per matching pair
             (at least 1; half replace the image, half the sentence).
@@ -83,13 +85,18 @@ class TwoBranchSimilarity(TwoBranch):
     """
 
     def __init__(self, image_shape=(64, 64, 3), vocabulary=None, backbone="small_cnn", text_encoder="mean",
-                 word_dim=300, max_words=32, hidden_units=2048, embed_dim=512, dropout=0.5,
+                 word_dim=300, max_words=32, transformer_layers=2, transformer_heads=4,
+                 transformer_intermediate_dim=None, transformer_dropout=0.1, word_vectors=None,
+                 train_word_vectors=True, hidden_units=2048, embed_dim=512, dropout=0.5,
                  batchnorm_momentum=BN_MOMENTUM, similarity_units=512, negatives_per_positive=4,
                  negative_sampling="random", **kwargs):
         super().__init__(image_shape=image_shape, vocabulary=vocabulary, backbone=backbone,
                          text_encoder=text_encoder, word_dim=word_dim, max_words=max_words,
-                         hidden_units=hidden_units, embed_dim=embed_dim, dropout=dropout,
-                         batchnorm_momentum=batchnorm_momentum, **kwargs)
+                         transformer_layers=transformer_layers, transformer_heads=transformer_heads,
+                         transformer_intermediate_dim=transformer_intermediate_dim,
+                         transformer_dropout=transformer_dropout, word_vectors=word_vectors,
+                         train_word_vectors=train_word_vectors, hidden_units=hidden_units, embed_dim=embed_dim,
+                         dropout=dropout, batchnorm_momentum=batchnorm_momentum, **kwargs)
         if int(negatives_per_positive) < 1:
             raise ValueError(f"model.negatives_per_positive: expected a positive integer, "
                              f"received {negatives_per_positive!r}")
@@ -200,8 +207,8 @@ class TwoBranchSimilarity(TwoBranch):
         config = keras.Model.get_config(self)  # not TwoBranch's: no ranking-loss arguments here
         config.update(image_shape=list(self.image_shape), vocabulary=list(self.vocabulary),
                       backbone=self.backbone_spec, text_encoder=self.text_encoder, word_dim=self.word_dim,
-                      max_words=self.max_words, hidden_units=self.hidden_units, embed_dim=self.embed_dim,
-                      dropout=self.dropout, batchnorm_momentum=self.batchnorm_momentum,
+                      max_words=self.max_words, **self._text_config(), hidden_units=self.hidden_units,
+                      embed_dim=self.embed_dim, dropout=self.dropout, batchnorm_momentum=self.batchnorm_momentum,
                       similarity_units=self.similarity_units, negatives_per_positive=self.negatives_per_positive,
                       negative_sampling=self.negative_sampling)
         return config
