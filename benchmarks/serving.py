@@ -10,7 +10,9 @@ Prints measured figures for the three claims of the serving issue:
    CPU count, TF Serving's default). Next to requests per second it prints
    the CPU time per request (server process + load client): on cores shared
    with other work the wall-clock ratio drifts, the CPU ratio does not, and
-   on dedicated cores it is the throughput ratio.
+   on dedicated cores it is the throughput ratio. It also prints what the
+   graph itself gains from batching in this process (ms per image at batch
+   1, 8 and max_batch_size): no batcher can beat that ratio.
 3. Soak: N concurrent clients for --soak-seconds (default 60): failed
    requests (target 0), p50/p99 latency, server RSS growth (target < 10%).
 
@@ -25,7 +27,7 @@ resize and NMS), exported in a temp dir, queried with a 224x224 shapes-on-photos
 JPEG; throughput does not depend on the weights. `--kind classifier` measures
 a tiny CNN classifier instead (28x28 PNG); `--model NAME=PATH` any export base.
 
-    python benchmarks/serving.py                       # detector, full run (~4.5 min)
+    python benchmarks/serving.py                       # detector, full run (~3 min)
     python benchmarks/serving.py --kind classifier     # the tiny classifier
     python benchmarks/serving.py --model det=exports/yolo_af_shapes --soak-seconds 60
     python benchmarks/serving.py --seconds 2 --soak-seconds 5 --json   # quick
@@ -129,6 +131,26 @@ def in_process_p50(path, image, calls, threads):
         {k: v.numpy() for k, v in function(**{name: batch}).items()}
         times.append(time.perf_counter() - start)
     return float(np.median(times)), name
+
+
+def in_process_batch_scaling(path, image, sizes=(1, 8, 32), rounds=15):
+    """Milliseconds per image of serving_default in this process at each batch
+    size (median over rounds, sizes interleaved): the most any batcher can gain
+    is the batch-1 cost over the large-batch cost."""
+    import tensorflow as tf
+
+    function = tf.saved_model.load(str(latest_version(path))).signatures["serving_default"]
+    name = next(iter(function.structured_input_signature[1]))
+    batches = {size: tf.constant([image] * size) for size in sizes}
+    for batch in batches.values():
+        function(**{name: batch})
+    times = {size: [] for size in sizes}
+    for _ in range(rounds):
+        for size, batch in batches.items():
+            start = time.perf_counter()
+            {k: v.numpy() for k, v in function(**{name: batch}).items()}
+            times[size].append((time.perf_counter() - start) / size)
+    return {size: 1e3 * float(np.median(t)) for size, t in times.items()}
 
 
 class ServerProcess:
@@ -270,6 +292,7 @@ def main(argv=None):
     detector = "detection_boxes" in _outputs_of(path)
     image = make_photo(args.image_size or 224) if detector else make_image((args.image_size or 28,) * 2)
     reference_p50, input_name = in_process_p50(path, image, args.calls, args.threads)
+    per_image_ms = in_process_batch_scaling(path, image, sizes=(1, 8, args.max_batch_size))
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
     request.inputs[input_name].CopyFrom(tf.make_tensor_proto([image]))
@@ -280,7 +303,9 @@ def main(argv=None):
                              f"num_batch_threads {{ value: {args.num_batch_threads} }}\n"
                              f"max_enqueued_batches {{ value: 1000 }}\n")
     results = {"model": name, "path": str(path), "clients": args.clients, "threads": args.threads,
-               "inter_op_threads": args.inter_op_threads, "num_batch_threads": args.num_batch_threads}
+               "inter_op_threads": args.inter_op_threads, "num_batch_threads": args.num_batch_threads,
+               "in_process_ms_per_image": per_image_ms,
+               "graph_batching_ceiling": per_image_ms[1] / per_image_ms[args.max_batch_size]}
 
     def throughput(server, key):
         """One load window; also CPU per request (server process + this client), which shared cores do not skew."""
@@ -330,6 +355,9 @@ def main(argv=None):
     print(f"model {name} ({path}), {args.clients} concurrent clients, TF intra-op threads {args.threads}, "
           f"inter-op threads {args.inter_op_threads}, num_batch_threads {args.num_batch_threads}")
     print(f"in-process serving_default p50     {results['in_process_p50_ms']:7.2f} ms")
+    print("in-process ms per image by batch    " + ", ".join(
+        f"{size}: {ms:.2f}" for size, ms in results["in_process_ms_per_image"].items())
+          + f"  (ceiling for any batcher: {results['graph_batching_ceiling']:.2f} x)")
     print(f"gRPC Predict p50 (batch 1)          {results['grpc_p50_ms']:7.2f} ms")
     print(f"gRPC overhead p50                   {results['grpc_overhead_p50_ms']:7.2f} ms   "
           f"(target <= 3 ms: {ok[results['grpc_overhead_p50_ms'] <= 3]})")

@@ -18,3 +18,4 @@ def test_benchmark_short_soak(base):
     assert results["soak_failed"] == 0 and results["batching_on_failures"] == 0
     assert results["batching_off_failures"] == 0 and results["soak_requests"] > 0
     assert results["soak_p99_ms"] >= results["soak_p50_ms"] > 0
+    assert set(results["in_process_ms_per_image"]) == {1, 8, 32} and results["graph_batching_ceiling"] > 0
