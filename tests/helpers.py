@@ -97,6 +97,35 @@ def run_cli(*args, env=None, timeout=600, cwd=None, fresh_process=False):
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
 
 
+def fit_on_two_workers(fit_args, run_dir):
+    """`vislearn FIT_ARGS... --strategy multi_worker` as two local worker
+    processes (TF_CONFIG); checks both exit 0 and the run dir is the chief's
+    alone. Returns the chief's stderr."""
+    import socket
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        processes.append(subprocess.Popen([*VISLEARN, *map(str, fit_args), "--strategy", "multi_worker"], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    assert "CollectiveAllReduceStrategy" in outputs[0][1]  # MultiWorkerMirroredStrategy
+    history = (Path(run_dir) / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "nan" not in history[1]
+    assert (Path(run_dir) / "checkpoints" / "last.weights.h5").exists()
+    assert not (Path(run_dir) / "workers").exists() or not any((Path(run_dir) / "workers").iterdir())
+    return outputs[0][1]
+
+
 def quick_fit_args(root, run_dir, epochs=1, steps=2):
     """`fit` arguments for a seconds-long DANN run on the session's data."""
     return ["fit", "dann_digits", "--run-dir", run_dir, "--set", f"data.root={root}",

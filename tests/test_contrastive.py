@@ -302,3 +302,19 @@ def test_lars_scales_kernel_steps_by_the_trust_ratio_and_leaves_vectors_plain():
     np.testing.assert_allclose(kernel.numpy(), w, rtol=1e-5)
     np.testing.assert_allclose(bias.numpy(), b, rtol=1e-5)
     assert LARS.from_config(optimizer.get_config()).eta == 0.001
+
+
+@pytest.mark.slow
+def test_moco_fits_on_two_workers_with_its_queue(digits_folders_root, tmp_path):
+    """MultiWorkerMirroredStrategy across two local processes: MoCo all-gathers
+    the keys of both workers into its queue every step."""
+    from helpers import fit_on_two_workers
+
+    run_dir = tmp_path / "moco_multi"
+    args = ["fit", "moco_v2_digits", "--run-dir", run_dir]
+    for override in (f"data.root={digits_folders_root}", "train.epochs=1", "train.steps_per_epoch=2",
+                     "data.batch_size=32", "data.image_size=[16, 16]", "data.probe_labels_per_class=3"):
+        args += ["--set", override]
+    fit_on_two_workers(args, run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"linear_top1", "knn_top1"} and all(0.0 < v <= 1.0 for v in metrics.values())

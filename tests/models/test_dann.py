@@ -1,15 +1,12 @@
 """DANN: the step, plain model.fit, and fits under both distribution strategies."""
 
 import json
-import os
-import socket
-import subprocess
 
 import keras
 import numpy as np
 import pytest
 
-from helpers import VISLEARN, mirrored_run, quick_fit_args, register_mirrored_fit, two_step_fit
+from helpers import fit_on_two_workers, mirrored_run, quick_fit_args, register_mirrored_fit, two_step_fit
 from vislearn import recipes
 from vislearn.data import digits_m
 from vislearn.models import DANN
@@ -72,29 +69,8 @@ def test_fit_under_mirrored_strategy_on_two_logical_cpus(mirrored_runs):
     assert set(recipes.evaluate(run_dir)) == set(metrics)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_fit_under_multi_worker_mirrored_strategy_with_two_processes(digits_m_root, tmp_path):
-    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
     run_dir = tmp_path / "multi"
-    processes = []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
-        processes.append(subprocess.Popen(
-            [*VISLEARN, *map(str, quick_fit_args(digits_m_root, run_dir, epochs=1, steps=2)),
-             "--strategy", "multi_worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (_, err) in zip(processes, outputs):
-        assert process.returncode == 0, err[-3000:]
-    assert "CollectiveAllReduceStrategy" in outputs[0][1]  # MultiWorkerMirroredStrategy
-    history = (run_dir / "history.csv").read_text().splitlines()
-    assert len(history) == 2 and "nan" not in history[1]
-    assert (run_dir / "checkpoints" / "last.weights.h5").exists()
-    assert not (run_dir / "workers").exists() or not any((run_dir / "workers").iterdir())
+    fit_on_two_workers(quick_fit_args(digits_m_root, run_dir, epochs=1, steps=2), run_dir)
     assert set(recipes.evaluate(run_dir)) == {"accuracy", "source_accuracy", "domain_accuracy"}
