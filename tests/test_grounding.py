@@ -1,13 +1,17 @@
 """Region-phrase grounding: the Flickr30K Entities reader, the grounding
-variant of captioned shapes, the accuracy metric and the evaluation loop."""
+variant of captioned shapes, the accuracy metric, the evaluation loop and
+the `vislearn ground` command."""
 
 import colorsys
 import functools
+import json
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
+from helpers import run_cli
 from vislearn.cli import main
 from vislearn.config import ConfigError
 from vislearn.data.captioned_shapes import COLOURS, make_captioned_shapes
@@ -155,3 +159,105 @@ def test_grounding_variant_and_evaluation(tmp_path, monkeypatch):
 
     result = CliRunner().invoke(main, ["data", "make", "digits_m", "--out", str(tmp_path / "d"), "--grounding"])
     assert result.exit_code != 0 and "--grounding: dataset 'digits_m' has no grounding annotations" in result.output
+
+
+# ---------------------------------------------------------------- `vislearn ground`
+
+TINY_TWO_BRANCH = ["data.image_size=[32, 32]", "data.batch_size=8", "train.epochs=1", "train.steps_per_epoch=2",
+                   "model.hidden_units=32", "model.embed_dim=16", "model.word_dim=8",
+                   "model.backbone={name: small_cnn, width: 4, depth: 2}"]
+
+
+@pytest.fixture(scope="module")
+def grounding_run(tmp_path_factory, data_home):
+    """A seconds-long two_branch run on the grounding variant of captioned
+    shapes (in this process: a fresh one costs TensorFlow's start-up)."""
+    from vislearn import recipes
+
+    root = tmp_path_factory.mktemp("ground")
+    shapes = make_captioned_shapes(root / "shapes", n_train=24, n_val=0, n_test=8, image_size=32, grounding=True)
+    recipe, source = recipes.load_recipe("two_branch_shapes", [f"data.root={shapes}", *TINY_TWO_BRANCH])
+    recipes.fit(recipe, source, root / "run", verbose=0)
+    _, model, _ = recipes.load_trained(root / "run")
+    return {"shapes": shapes, "run": root / "run", "model": model}
+
+
+def test_ground_command_matches_grounding_metrics(grounding_run, tmp_path):
+    shapes, model = grounding_run["shapes"], grounding_run["model"]
+    test_ids = [f"test_{i:05d}" for i in range(8)]
+    (tmp_path / "test.txt").write_text("\n".join(test_ids) + "\n")
+    result = run_cli("ground", grounding_run["run"], "--entities", shapes, "--split-file", tmp_path / "test.txt",
+                     "--json", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = json.loads(result.stdout)
+    expected = grounding_metrics(model, read_flickr30k_entities(shapes, test_ids), shapes / "images")
+    assert printed == pytest.approx(expected)
+    assert printed["grounding_phrases"] > 0 and printed["grounding_upper_bound"] == 1.0
+    assert json.loads((tmp_path / "out" / "grounding.json").read_text()) == printed
+    with Image.open(tmp_path / "out" / "grounding.png") as picture:
+        assert picture.format == "PNG" and picture.width > 300 and picture.height > 300
+
+    # Human-readable, every image, another IoU and protocol: the same numbers as the API's.
+    result = run_cli("ground", grounding_run["run"], "--entities", shapes, "--iou", 0.7, "--protocol", "merged")
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = dict(line.split() for line in result.stdout.splitlines())
+    expected = grounding_metrics(model, read_flickr30k_entities(shapes), shapes / "images", threshold=0.7,
+                                 protocol="merged")
+    assert set(printed) == set(expected)
+    for key, value in expected.items():
+        assert float(printed[key]) == pytest.approx(value, abs=1e-4)
+
+
+def test_ground_command_with_detector_candidates(grounding_run, tmp_path):
+    """--detector: a real (seconds-long) yolo_v1 run's detections are the candidates."""
+    from vislearn import recipes
+
+    tiny_yolo = ["model.width_multiplier=0.0625", "model.fc_units=32", "model.grid_size=4", "model.head=fc",
+                 "data.image_size=[64,64]", "data.batch_size=8", "data.n_train=16", "data.n_test=8",
+                 "data.source_size=96", "train.epochs=1", "train.steps_per_epoch=2"]
+    recipe, source = recipes.load_recipe("yolo_shapes", tiny_yolo)
+    recipes.fit(recipe, source, tmp_path / "detector", verbose=0)
+    _, detector, data = recipes.load_trained(tmp_path / "detector")
+    shapes = grounding_run["shapes"]
+    # An untrained detector's scores are low: threshold 0 keeps its top boxes as candidates.
+    result = run_cli("ground", grounding_run["run"], "--entities", shapes, "--detector", tmp_path / "detector",
+                     "--score-threshold", 0.0, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = read_flickr30k_entities(shapes)
+    candidates = detector_candidates(detector, images, shapes / "images", data.image_shape, score_threshold=0.0)
+    assert sum(len(boxes) for boxes in candidates.values()) > 0
+    expected = grounding_metrics(grounding_run["model"], images, shapes / "images", candidates=candidates)
+    assert json.loads(result.stdout) == pytest.approx(expected)
+
+
+def test_ground_command_bad_input_is_one_line(grounding_run, tmp_path):
+    run, shapes = grounding_run["run"], grounding_run["shapes"]
+    (tmp_path / "dann").mkdir()
+    (tmp_path / "dann" / "recipe.yaml").write_text("model: {name: dann}\n")
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "recipe.yaml").write_text((run / "recipe.yaml").read_text())
+    (tmp_path / "no_annotations" / "Sentences").mkdir(parents=True)
+    (tmp_path / "no_image").mkdir()
+    for folder in ("Sentences", "Annotations"):
+        (tmp_path / "no_image" / folder).symlink_to(shapes / folder)
+    (tmp_path / "no_image" / "images").mkdir()
+    cases = [
+        ([tmp_path / "dann", "--entities", shapes], f"{tmp_path / 'dann'}: method 'dann' cannot ground phrases"),
+        ([run, "--entities", tmp_path / "nowhere"], f"{tmp_path / 'nowhere' / 'Sentences'}: not found"),
+        ([run, "--entities", tmp_path / "no_annotations"],
+         f"{tmp_path / 'no_annotations' / 'Annotations'}: not found"),
+        ([run, "--entities", tmp_path / "no_image"],
+         f"{tmp_path / 'no_image' / 'images' / 'test_00000.jpg'}: image file not found"),
+        ([run, "--entities", shapes, "--images", tmp_path / "nowhere"],
+         f"--images {tmp_path / 'nowhere'}: not a folder"),
+        ([run, "--entities", shapes, "--split-file", tmp_path / "none.txt"], f"{tmp_path / 'none.txt'}: split file"),
+        ([tmp_path / "unfinished", "--entities", shapes], f"{tmp_path / 'unfinished'}: no checkpoint"),
+        ([tmp_path / "nowhere", "--entities", shapes], f"{tmp_path / 'nowhere'}: not a run dir"),
+        ([run, "--entities", shapes, "--detector", run], f"--detector {run}: method 'two_branch' is not a detector"),
+    ]
+    for args, message in cases:
+        result = run_cli("ground", *args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+        assert result.stderr.startswith(f"error: {message}"), (message, result.stderr)

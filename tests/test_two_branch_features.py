@@ -1,7 +1,8 @@
 """two_branch on precomputed features: `vislearn features extract`, a fit with
 `data.features` + `model.backbone: features`, retrieval metrics, the export's
-`embed_image` on bytes (backbone rebuilt from the manifest + trained MLP), and
-one test per user mistake (one `error:` line, exit code 2)."""
+`embed_image` on bytes (backbone rebuilt from the manifest + trained MLP), the
+same for COCO captions files (`coco_captions` with `train_features` +
+`test_features`), and one test per user mistake (one `error:` line, exit code 2)."""
 
 import json
 import math
@@ -11,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 from click.testing import CliRunner
 
 from vislearn import recipes
@@ -234,3 +236,154 @@ def test_export_when_the_weights_file_changed(root, run, weights):
                           "changed since the extraction")
     finally:
         weights.write_bytes(original)
+
+
+# ---------------------------------------------------------------- COCO captions files
+
+
+def write_coco_captions(shapes, folder, split, count, first_id):
+    """A COCO captions JSON (captions_train2014.json style) of the first `count`
+    `split` images of the captioned shapes, copied to their own image folder
+    (as COCO ships train2014/ and val2014/); annotations in another order than
+    the images, as in COCO's files."""
+    records = [r for r in json.loads((shapes / JSON_NAME).read_text())["images"] if r["split"] == split][:count]
+    (folder / split).mkdir(parents=True)
+    images, annotations = [], []
+    for i, record in enumerate(records):
+        shutil.copy(shapes / "images" / record["filename"], folder / split / record["filename"])
+        images.append({"id": first_id + i, "file_name": record["filename"], "height": 32, "width": 32})
+        annotations += [{"id": 10 * (first_id + i) + j, "image_id": first_id + i, "caption": s["raw"]}
+                        for j, s in enumerate(record["sentences"])]
+    file = folder / f"captions_{split}.json"
+    file.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations[::-1]}))
+    return file, folder / split, [r["filename"] for r in records]
+
+
+@pytest.fixture(scope="module")
+def coco(root, shapes):
+    return {split: write_coco_captions(shapes, root / "coco", split, count, first_id)
+            for split, count, first_id in (("train", 24, 1000), ("test", 12, 5000))}
+
+
+def extract_coco(coco, split, out, weights):
+    annotations, images, _ = coco[split]
+    weights = ["--weights", weights] if weights else []
+    return cli("features", "extract", "--captions", annotations, "--images", images, "--backbone",
+               "{name: small_cnn, width: 4, depth: 2}", *weights, "--image-size", 32, "--out", out)
+
+
+@pytest.fixture(scope="module")
+def coco_extracted(root, coco, weights):
+    folders = {split: root / f"coco_features_{split}" for split in coco}
+    for split, folder in folders.items():
+        result = extract_coco(coco, split, folder, weights)
+        assert result.exit_code == 0, result.output
+    return folders
+
+
+def coco_recipe(root, coco, name="coco.yaml", **data):
+    """two_branch_shapes with its data section on the COCO files (a recipe file:
+    `--set` cannot drop captioned_shapes' `root` key)."""
+    recipe = recipes.read_yaml(recipes.resolve_recipe("two_branch_shapes"))
+    (train, train_images, _), (test, test_images, _) = coco["train"], coco["test"]
+    recipe["data"] = {"name": "coco_captions", "train_annotations": str(train), "train_images": str(train_images),
+                      "test_annotations": str(test), "test_images": str(test_images), "captions_per_image": 2,
+                      **{k: str(v) for k, v in data.items()}}
+    (root / name).write_text(yaml.safe_dump(recipe))
+    return root / name
+
+
+def fit_coco(root, coco, run_dir, *overrides, **data):
+    recipe, source = recipes.load_recipe(coco_recipe(root, coco, **data), [*TINY, *overrides])
+    return recipes.fit(recipe, source, run_dir, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def coco_run(root, coco, coco_extracted):
+    fit_coco(root, coco, root / "coco_run", train_features=coco_extracted["train"],
+             test_features=coco_extracted["test"])
+    return root / "coco_run"
+
+
+def test_extract_coco_captions_as_one_split(coco, coco_extracted, weights):
+    for split, count in (("train", 24), ("test", 12)):
+        annotations, images, filenames = coco[split]
+        manifest = json.loads((coco_extracted[split] / "manifest.json").read_text())
+        assert list(manifest["splits"]) == ["all"] and manifest["splits"]["all"]["ids"] == filenames
+        assert manifest["captions"] == {"path": str(annotations.resolve()), "sha256": sha256(annotations),
+                                        "format": "coco"}
+        features = np.load(coco_extracted[split] / "all.npy")
+        assert features.shape == (count, 8) and np.isfinite(features).all()
+    # Row i is the backbone on image i of the file.
+    pixels = tf.stack([decode_image(tf.io.read_file(str(coco["test"][1] / f)), [32, 32]) for f in coco["test"][2][:3]])
+    np.testing.assert_allclose(np.load(coco_extracted["test"] / "all.npy")[:3],
+                               build_extractor(SPEC, [32, 32], weights)(pixels, training=False), atol=1e-5)
+
+
+def test_fit_coco_captions_on_features_and_export(root, coco, coco_extracted, coco_run, weights):
+    metrics = json.loads((coco_run / "metrics.json").read_text())
+    assert DESIGN_KEYS <= set(metrics) and all(math.isfinite(metrics[k]) for k in DESIGN_KEYS)
+    assert 1.0 <= metrics["t2i_medr"] <= 12
+    recipe, model, data = recipes.load_trained(coco_run, image_input=False)
+    assert recipe["model"]["backbone"] == {"name": "features", "dim": 8}
+    assert data.features.folder == coco_extracted["train"]  # exports rebuild the train extraction's backbone
+    batch = next(iter(data.train))
+    assert "image" not in batch and batch["features"].shape == (8, 8)
+    train_rows = np.load(coco_extracted["train"] / "all.npy")
+    assert all((train_rows == vector).all(axis=1).any() for vector in batch["features"].numpy())
+    test_rows = np.concatenate(list(data.test.images.as_numpy_iterator()))
+    np.testing.assert_array_equal(test_rows, np.load(coco_extracted["test"] / "all.npy"))  # the test cache, in order
+
+    path = recipes.export(coco_run, root / "coco_models", "tb_coco", 1)
+    embed_image = tf.saved_model.load(str(path)).signatures["embed_image"]
+    encoded = [(coco["test"][1] / f).read_bytes() for f in coco["test"][2][:4]]
+    out = embed_image(images=tf.constant(encoded))["embeddings"].numpy()
+    pixels = tf.stack([decode_image(e, [32, 32]) for e in encoded])
+    expected = model.embed_image(build_extractor(SPEC, [32, 32], weights)(pixels, training=False))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_coco_captions_needs_both_feature_folders(root, coco, coco_extracted):
+    with pytest.raises(ValueError, match=r"data.test_features: missing; coco_captions takes train_features and "
+                                         "test_features together"):
+        fit_coco(root, coco, root / "c1", train_features=coco_extracted["train"])
+    result = cli("fit", coco_recipe(root, coco, "coco_test_only.yaml", test_features=coco_extracted["test"]),
+                 "--run-dir", root / "c2", *[x for o in TINY for x in ("--set", o)])
+    assert_user_error(result, "data.train_features: missing")
+    # Without either, model.backbone: features names the coco keys.
+    with pytest.raises(ValueError, match=r"model.backbone: 'features' trains on cached features.*"
+                                         r"coco_captions: data.train_features and data.test_features"):
+        fit_coco(root, coco, root / "c3")
+    with pytest.raises(ValueError, match=r"data.train_features: method 'icmlm' trains on images"):
+        recipes.load_recipe(coco_recipe(root, coco, "coco_icmlm.yaml", train_features=coco_extracted["train"],
+                                        test_features=coco_extracted["test"]), ["model={name: icmlm}"])
+    with pytest.raises(ValueError, match=r"data.test_featurs: unknown key \(did you mean 'test_features'\?\)"):
+        recipes.load_recipe(coco_recipe(root, coco, "coco_typo.yaml", test_featurs=coco_extracted["test"]))
+
+
+def test_coco_feature_folders_of_different_extractions(root, coco, coco_extracted):
+    other = root / "coco_features_other"
+    result = extract_coco(coco, "test", other, None)  # freshly initialised weights: another backbone
+    assert result.exit_code == 0, result.output
+    result = cli("fit", coco_recipe(root, coco, "coco_mismatch.yaml", train_features=coco_extracted["train"],
+                                    test_features=other), "--run-dir", root / "c4",
+                 *[x for o in TINY for x in ("--set", o)])
+    assert_user_error(result, f"data.test_features: {other / 'manifest.json'} and data.train_features "
+                      f"{coco_extracted['train'] / 'manifest.json'} come from different extractions",
+                      "weights sha256", "--weights")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.update(weights=json.loads((coco_extracted["test"] / "manifest.json").read_text())["weights"],
+                    image_size=[32, 32], backbone={"name": "small_cnn", "width": 4, "depth": 3})
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"different extractions \(backbone .*'depth': 2.* vs .*'depth': 3"):
+        fit_coco(root, coco, root / "c5", train_features=coco_extracted["train"], test_features=other)
+
+
+def test_extract_unrecognised_caption_json(root, shapes):
+    for content in ({"images": [{"id": 1, "file_name": "a.jpg"}]}, {"annotations": []}, [1, 2],
+                    {"images": [], "annotations": {}}):
+        (root / "odd.json").write_text(json.dumps(content))
+        result = extract(shapes, root / "e6", captions=root / "odd.json")
+        assert_user_error(result, "odd.json: unrecognised caption JSON", "expected Karpathy-split",
+                          "or COCO captions {'images': [{'id', 'file_name'}], 'annotations'")
+        assert not (root / "e6").exists()

@@ -95,6 +95,42 @@ def evaluate_command(run_dir, as_json):
             click.echo(f"{key:20s} {value:.4f}" if isinstance(value, float) else f"{key:20s} {value}")
 
 
+@main.command("ground")
+@click.argument("run_dir", type=click.Path())
+@click.option("--entities", "entities_root", required=True, type=click.Path(), help="Flickr30K Entities style "
+              "folder: Sentences/*.txt, Annotations/*.xml (e.g. `vislearn data make captioned_shapes --grounding`).")
+@click.option("--images", "image_dir", type=click.Path(), help="Folder of <image id>.jpg (default: ENTITIES/images).")
+@click.option("--split-file", type=click.Path(), help="Image ids to ground, one a line (e.g. Flickr30K Entities' "
+              "test.txt; default: every sentence file's).")
+@click.option("--detector", "detector_run", type=click.Path(), help="A yolo_v1 or yolo_anchor_free run dir whose "
+              "detections are the candidate boxes (default: each image's ground-truth boxes).")
+@click.option("--score-threshold", default=0.25, show_default=True, type=click.FloatRange(0, 1),
+              help="Score a detection needs to be a candidate (with --detector).")
+@click.option("--iou", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="IoU with the truth a chosen box needs to count as found.")
+@click.option("--protocol", default="any", show_default=True, type=click.Choice(["any", "merged"]),
+              help="A phrase with several boxes is found by matching any of them, or their union box (merged).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--out", type=click.Path(file_okay=False), help="Write grounding.json (the metrics) and "
+              "grounding.png (8 images: each phrase's chosen and true boxes) here.")
+@user_errors
+def ground_command(run_dir, entities_root, image_dir, split_file, detector_run, score_threshold, iou, protocol,
+                   as_json, out):
+    """Region-phrase grounding with RUN_DIR's two-branch model: per phrase, the candidate box whose crop
+    scores best against it; prints grounding_accuracy, chance, upper bound and phrase counts."""
+    from vislearn.evaluation.grounding import ground_run
+
+    metrics = ground_run(run_dir, entities_root, image_dir, detector_run, split_file, score_threshold, iou, protocol,
+                         out)
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            click.echo(f"{key:30s} {value:.4f}" if isinstance(value, float) else f"{key:30s} {value}")
+        if out is not None:
+            click.echo(f"wrote {Path(out) / 'grounding.json'} and {Path(out) / 'grounding.png'}")
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", "base", required=True, type=click.Path(file_okay=False), help="Export base dir.")
@@ -189,8 +225,9 @@ def features_group():
 
 
 @features_group.command("extract")
-@click.option("--captions", required=True, type=click.Path(), help="Karpathy-split caption JSON "
-              "(captioned_shapes: DIR/dataset_captioned_shapes.json).")
+@click.option("--captions", required=True, type=click.Path(), help="Karpathy-split or COCO captions JSON, "
+              "told apart by structure (captioned_shapes: DIR/dataset_captioned_shapes.json; a COCO file such "
+              "as captions_train2014.json has no splits: its images are the one split 'all').")
 @click.option("--images", required=True, type=click.Path(), help="Folder the JSON's file names are relative to "
               "(captioned_shapes: DIR/images).")
 @click.option("--backbone", required=True, help="A vislearn backbone name, a YAML/JSON spec such as "

@@ -7,6 +7,12 @@ and caches the feature vectors, so a two-branch model can train its image
 MLP on them (`data.features: DIR`, `model.backbone: features`) without
 decoding or convolving an image per step.
 
+The caption file is a Karpathy-split JSON (`dataset_coco.json`, captioned
+shapes, ...) or a COCO captions JSON (`captions_train2014.json`), told apart by
+structure. A COCO file has no splits: all its images are the one split `all`
+(`coco_captions` takes one extraction per caption file, `data.train_features`
+and `data.test_features`).
+
 An output folder holds one float32 `.npy` per split (rows in the caption
 file's image order) and `manifest.json`:
 
@@ -16,7 +22,7 @@ file's image order) and `manifest.json`:
                   `backbone.weights.h5` in the folder when none was given)
     image_size:   [height, width] images were resized to
     feature_dim:  width of a feature vector
-    captions:     {"path", "sha256"} of the caption file read
+    captions:     {"path", "sha256", "format"} of the caption file read ("karpathy" or "coco")
     splits:       {split: {"file": "train.npy", "ids": [image path relative to the image folder, ...]}}
 
 Exports of a features-trained model put the same backbone (rebuilt from the
@@ -188,10 +194,10 @@ def _image_ids(splits, image_dir):
 
 def extract_features(captions, images, backbone, out, weights=None, image_size=(64, 64), batch_size=64, verbose=1):
     """`vislearn features extract`: cache a backbone's features of every image
-    of a Karpathy-split caption file (see the module docstring).
+    of a Karpathy-split or COCO captions file (see the module docstring).
 
     Args:
-        captions: the Karpathy-split JSON file.
+        captions: the Karpathy-split or COCO captions JSON file.
         images: the folder its file names are relative to.
         backbone: a spec (`parse_backbone`).
         out: output folder (new or empty).
@@ -203,7 +209,7 @@ def extract_features(captions, images, backbone, out, weights=None, image_size=(
     Returns:
         `out` as a `Path`.
     """
-    from vislearn.data.captions import read_karpathy
+    from vislearn.data.captions import read_caption_file
     from vislearn.data.folders import check_images, decode_image
 
     image_size = [int(s) for s in image_size]
@@ -216,7 +222,8 @@ def extract_features(captions, images, backbone, out, weights=None, image_size=(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out}: not an empty folder; choose an empty or new folder")
-    splits = read_karpathy(captions, images)  # ConfigError for a missing file, image or caption
+    # ConfigError for a missing file, image or caption, or JSON of neither format
+    caption_format, splits = read_caption_file(captions, images)
     extractor = build_extractor(backbone, image_size, weights)
     paths = [path for records in splits.values() for path, _ in records]
     check_images(paths)  # a corrupt file fails here, named, not mid-extraction
@@ -254,7 +261,7 @@ def extract_features(captions, images, backbone, out, weights=None, image_size=(
         "weights": weights_entry,
         "image_size": image_size,
         "feature_dim": int(extractor.output_shape[-1]),
-        "captions": {"path": str(Path(captions).resolve()), "sha256": sha256(captions)},
+        "captions": {"path": str(Path(captions).resolve()), "sha256": sha256(captions), "format": caption_format},
         "splits": manifest_splits,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -295,6 +302,28 @@ class FeatureCache:
                                   f"[{len(entry['ids'])}, {self.feature_dim}] (ids x feature_dim)")
             self.arrays[split] = array
             self.rows.update({image_id: (split, row) for row, image_id in enumerate(entry["ids"])})
+
+    def extraction(self):
+        """What makes two caches' vectors comparable: backbone, weights sha256, image size, feature width."""
+        weights = self.manifest.get("weights") or {}
+        return {"backbone": self.manifest["backbone"], "weights sha256": weights.get("sha256"),
+                "image_size": self.image_size, "feature_dim": self.feature_dim}
+
+    def check_same_extraction(self, other):
+        """Refuse `other` (e.g. the test split's cache) unless its vectors come
+        from the same extraction as this cache's (one model embeds both)."""
+        mine, theirs = self.extraction(), other.extraction()
+        differences = []
+        for key in (k for k in mine if mine[k] != theirs[k]):
+            # A sha256 prefix is enough to tell two weights files apart.
+            values = [str(v)[:12] if key == "weights sha256" else v for v in (mine[key], theirs[key])]
+            differences.append(f"{key} {values[0]} vs {values[1]}")
+        if differences:
+            weights = (self.manifest.get("weights") or {}).get("path")
+            weights = self.folder / OWN_WEIGHTS if weights == OWN_WEIGHTS else weights  # fresh weights: reuse them
+            raise ConfigError(f"{other.where}: {other.manifest_file} and {self.where} {self.manifest_file} come from "
+                              f"different extractions ({'; '.join(differences)}); extract both with the same "
+                              f"--backbone, --image-size and --weights {weights}")
 
     def lookup(self, records, image_dir, captions_file):
         """float32 [len(records), feature_dim]: the cached rows of `records`

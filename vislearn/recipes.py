@@ -31,6 +31,8 @@ SECTIONS = ("description", "model", "data", "optimizer", "train", "distribute", 
 REQUIRED_SECTIONS = ("model", "data", "train")
 # Sections that may change between an interrupted run and its resumption.
 RESUMABLE_DIFFERENCES = ("description", "distribute", "export")
+# `data:` keys naming `vislearn features extract` folders (coco_captions takes one per caption file).
+FEATURE_KEYS = ("features", "train_features", "test_features")
 
 
 def train_section(epochs, seed, steps_per_epoch=None, validation_steps=None, monitor=None, verbose=None):
@@ -204,10 +206,10 @@ def _two_branch_model_args(model_args, data, total_steps):
         dim = features_backbone_dim(backbone)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    cache = data.features
+    cache = data.features  # coco_captions: the data.train_features cache (the test one is checked against it)
     if cache is not None:  # the image MLP takes the cached vectors; their width comes from the manifest
         if backbone is not None and dim is None:
-            raise ConfigError(f"model.backbone: {backbone!r} is an image backbone, but data.features feeds the "
+            raise ConfigError(f"model.backbone: {backbone!r} is an image backbone, but {cache.where} feeds the "
                               f"cached features of {cache.manifest_file}; set model.backbone: {FEATURES_BACKBONE}")
         if dim and dim != cache.feature_dim:
             raise ConfigError(f"model.backbone.dim: {dim} does not match the {cache.feature_dim}-wide features of "
@@ -215,7 +217,8 @@ def _two_branch_model_args(model_args, data, total_steps):
         filled["backbone"] = {"name": FEATURES_BACKBONE, "dim": cache.feature_dim}
     elif dim is not None:
         raise ConfigError(f"model.backbone: {FEATURES_BACKBONE!r} trains on cached features; set data.features to "
-                          "a `vislearn features extract` output folder")
+                          "a `vislearn features extract` output folder (coco_captions: data.train_features and "
+                          "data.test_features, one per caption file)")
     return filled
 
 
@@ -454,9 +457,10 @@ def validate(recipe, source):
                           f"expected one of {list(method.datasets)}")
     check_arguments(builder, data, f"{source}: data",
                     skip=("seed", "target_as_source", "train_targets", "num_exemplars"))
-    if data.get("features") is not None and not method.features:
-        raise ConfigError(f"{source}: data.features: method {method_name!r} trains on images; cached features "
-                          "feed two_branch and two_branch_similarity")
+    feature_keys = [key for key in FEATURE_KEYS if data.get(key) is not None]
+    if feature_keys and not method.features:
+        raise ConfigError(f"{source}: data.{feature_keys[0]}: method {method_name!r} trains on images; cached "
+                          "features feed two_branch and two_branch_similarity")
 
     optimizer = dict(recipe.get("optimizer") or {})
     optimizer_class = pick(OPTIMIZERS, optimizer.pop("name", "adam"), f"{source}: optimizer.name")

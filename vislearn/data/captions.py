@@ -14,8 +14,9 @@ Evaluation splits (`val`, `test`) are `RetrievalSplit`s: every image once, in
 order, and all its captions, flattened, with the row of the image each
 caption belongs to.
 
-With `features` (a `vislearn features extract` folder) the images are never
-read: batches and splits carry each image's cached feature vector instead,
+With `features` (a `vislearn features extract` folder; `coco_captions`: one
+folder per caption file, `train_features` + `test_features`) the images are
+never read: batches and splits carry each image's cached feature vector instead,
 
     features: float32 [batch_size, feature_dim]
 
@@ -35,6 +36,7 @@ from vislearn.data.folders import decode_image
 from vislearn.data.make import default_data_home
 
 TRAIN_SPLITS = ("train", "restval")  # Karpathy's COCO split trains on restval too
+COCO_SPLIT = "all"  # a COCO captions file has no splits: `read_caption_file` gives its images this one
 
 
 @dataclasses.dataclass
@@ -105,7 +107,10 @@ def read_karpathy(annotations, image_dir):
         ConfigError naming the file and field for a missing image file, an
         image without sentences or an empty caption.
     """
-    content = _load_json(annotations, "caption annotations")
+    return _karpathy_splits(_load_json(annotations, "caption annotations"), annotations, image_dir)
+
+
+def _karpathy_splits(content, annotations, image_dir):
     images = content.get("images") if isinstance(content, dict) else None
     if not isinstance(images, list):
         raise ConfigError(f"{annotations}: expected Karpathy-split JSON with an 'images' list")
@@ -137,7 +142,10 @@ def read_coco_captions(annotations, image_dir):
     Returns:
         [(image path, [caption, ...]), ...] in the file's image order.
     """
-    content = _load_json(annotations, "COCO captions")
+    return _coco_records(_load_json(annotations, "COCO captions"), annotations, image_dir)
+
+
+def _coco_records(content, annotations, image_dir):
     if not isinstance(content, dict) or not isinstance(content.get("images"), list) \
             or not isinstance(content.get("annotations"), list):
         raise ConfigError(f"{annotations}: expected COCO captions JSON with 'images' and 'annotations' lists")
@@ -153,6 +161,43 @@ def read_coco_captions(annotations, image_dir):
             raise ConfigError(f"{where}: no captions in 'annotations'")
         records.append((_check_image(Path(image_dir) / str(image.get("file_name")), where), by_image[image["id"]]))
     return records
+
+
+def caption_file_format(content):
+    """"karpathy" or "coco" for a caption file's parsed JSON, told apart by
+    structure (COCO: `images` + `annotations` lists; Karpathy: `images`
+    records with `filename` / `sentences` and no `annotations`), else None."""
+    if not isinstance(content, dict) or not isinstance(content.get("images"), list):
+        return None
+    if "annotations" in content:
+        return "coco" if isinstance(content["annotations"], list) else None
+    images = content["images"]
+    if not images or (isinstance(images[0], dict) and {"filename", "sentences"} & set(images[0])):
+        return "karpathy"
+    return None
+
+
+def read_caption_file(annotations, image_dir):
+    """Read a Karpathy-split or a COCO captions file, whichever it is.
+
+    Returns:
+        (format, {split: [(image path, [caption, ...]), ...]}): a COCO file
+        has no splits, so all its images are the one split `COCO_SPLIT`.
+
+    Raises:
+        ConfigError naming the file and both expected structures when the
+        JSON is neither.
+    """
+    content = _load_json(annotations, "caption annotations")
+    found = caption_file_format(content)
+    if found == "karpathy":
+        return found, _karpathy_splits(content, annotations, image_dir)
+    if found == "coco":
+        return found, {COCO_SPLIT: _coco_records(content, annotations, image_dir)}
+    keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+    raise ConfigError(f"{annotations}: unrecognised caption JSON (top level: {keys}); expected Karpathy-split "
+                      "{'images': [{'filename', 'split', 'sentences'}]} or COCO captions "
+                      "{'images': [{'id', 'file_name'}], 'annotations': [{'image_id', 'caption'}]}")
 
 
 # ---------------------------------------------------------------- streams
@@ -229,8 +274,10 @@ def retrieval_split(records, image_size, batch_size=64, features=None):
 def caption_data(train, val, test, image_size, batch_size, captions_per_image, seed, features=None):
     """`CaptionData` from record lists [(image path, [caption, ...]), ...].
 
-    `features`: optional `(FeatureCache, records -> float32 [n, dim])`; the
-    streams then carry cached feature vectors (see the module docstring)."""
+    `features`: optional `(FeatureCache, (records, split) -> float32 [n, dim])`,
+    split being "train", "val" or "test"; the streams then carry cached
+    feature vectors (see the module docstring). The cache is the one exports
+    rebuild the image backbone from."""
     if int(captions_per_image) < 1:
         raise ConfigError(f"data.captions_per_image: expected a positive integer, received {captions_per_image!r}")
     if not train:
@@ -241,17 +288,18 @@ def caption_data(train, val, test, image_size, batch_size, captions_per_image, s
         raise ConfigError(f"data.batch_size: {batch_size} images per batch; expected 2 to the "
                           f"{len(train)} training images (negatives come from the other images of a batch)")
     image_size = tuple(int(s) for s in image_size)
-    cache, vectors = features or (None, lambda records: None)
+    cache, vectors = features or (None, lambda records, split: None)
     validation = None
     if val and len(val) >= batch_size:
         validation = neighbourhood_batches(val, image_size, batch_size, captions_per_image, seed, repeat=False,
-                                           features=vectors(val))
+                                           features=vectors(val, "val"))
     return CaptionData(
-        train=neighbourhood_batches(train, image_size, batch_size, captions_per_image, seed, features=vectors(train)),
+        train=neighbourhood_batches(train, image_size, batch_size, captions_per_image, seed,
+                                    features=vectors(train, "train")),
         steps_per_epoch=math.ceil(len(train) / batch_size),
         validation=validation,
-        val=retrieval_split(val, image_size, batch_size, vectors(val)) if val else None,
-        test=retrieval_split(test, image_size, batch_size, vectors(test)),
+        val=retrieval_split(val, image_size, batch_size, vectors(val, "val")) if val else None,
+        test=retrieval_split(test, image_size, batch_size, vectors(test, "test")),
         train_captions=[c for _, captions in train for c in captions],
         image_shape=(*image_size, 3),
         counts={"train": len(train), "val": len(val or []), "test": len(test),
@@ -262,16 +310,22 @@ def caption_data(train, val, test, image_size, batch_size, captions_per_image, s
 # ---------------------------------------------------------------- builders (DATASETS)
 
 
-def cached_features(folder, annotations, image_dir, image_size):
-    """`caption_data`'s `features` argument for a `vislearn features extract`
-    folder, checked against the caption file and `data.image_size`."""
+def _feature_cache(folder, image_size, where):
+    """A `vislearn features extract` folder (`FeatureCache`), checked against `data.image_size`."""
     from vislearn.features import FeatureCache
 
-    cache = FeatureCache(folder)
+    cache = FeatureCache(folder, where)
     if [int(s) for s in image_size] != cache.image_size:
         raise ConfigError(f"data.image_size: {list(image_size)} does not match the {cache.image_size} the features "
                           f"of {cache.manifest_file} were extracted at; set data.image_size: {cache.image_size}")
-    return cache, lambda records: cache.lookup(records, image_dir, annotations)
+    return cache
+
+
+def cached_features(folder, annotations, image_dir, image_size):
+    """`caption_data`'s `features` argument for a `vislearn features extract`
+    folder of one caption file, checked against it and `data.image_size`."""
+    cache = _feature_cache(folder, image_size, "data.features")
+    return cache, lambda records, split: cache.lookup(records, image_dir, annotations)
 
 
 def karpathy_captions(annotations, image_dir, image_size=(64, 64), batch_size=64, captions_per_image=2,
@@ -301,12 +355,38 @@ def karpathy_captions(annotations, image_dir, image_size=(64, 64), batch_size=64
 
 
 def coco_captions(train_annotations, train_images, test_annotations, test_images, image_size=(64, 64),
-                  batch_size=64, captions_per_image=2, seed=0):
+                  batch_size=64, captions_per_image=2, train_features=None, test_features=None, seed=0):
     """COCO's own caption files (`captions_train2014.json` + `train2014/`, and a
-    held-out file + folder for the metrics); no validation split."""
-    return caption_data(read_coco_captions(train_annotations, train_images), None,
-                        read_coco_captions(test_annotations, test_images), image_size, batch_size,
-                        captions_per_image, seed)
+    held-out file + folder for the metrics); no validation split.
+
+    Args:
+        train_features, test_features: `vislearn features extract` folders of
+            the two caption files (both or neither; one extraction per file,
+            from the same backbone, weights, image size and feature width):
+            batches carry the cached feature vectors instead of images (train
+            with `model.backbone: features`); exports rebuild the backbone
+            from `train_features`. `image_size` must be the extraction's.
+        Other arguments as `karpathy_captions`.
+    """
+    if (train_features is None) != (test_features is None):
+        missing = "test_features" if test_features is None else "train_features"
+        raise ConfigError(f"data.{missing}: missing; coco_captions takes train_features and test_features together "
+                          "(one `vislearn features extract` folder per caption file), or neither")
+    train = read_coco_captions(train_annotations, train_images)
+    test = read_coco_captions(test_annotations, test_images)
+    cached = None
+    if train_features is not None:
+        train_cache = _feature_cache(train_features, image_size, "data.train_features")
+        test_cache = _feature_cache(test_features, image_size, "data.test_features")
+        train_cache.check_same_extraction(test_cache)
+
+        def vectors(records, split):  # each caption file's images come from its own extraction
+            if split == "test":
+                return test_cache.lookup(records, test_images, test_annotations)
+            return train_cache.lookup(records, train_images, train_annotations)
+
+        cached = train_cache, vectors
+    return caption_data(train, None, test, image_size, batch_size, captions_per_image, seed, cached)
 
 
 def captioned_shapes(root=None, image_size=(64, 64), batch_size=64, captions_per_image=2, eval_split="test",
