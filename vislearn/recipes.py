@@ -243,17 +243,27 @@ def _text_image_export(model, path, data, options):
 def _icmlm_model_args(model_args, data, total_steps):
     """image_shape from the data; the WordPiece vocabulary and the concept words
     from the training captions (written to the run's recipe.yaml); captions
-    without a concept are counted and skipped (an error when all are)."""
+    without a concept are counted and skipped (an error when all are). With
+    `bert_preset` the vocabulary is the preset's (recipe.yaml keeps its path),
+    and words it splits into several wordpieces are counted and left out of the concepts."""
     from vislearn.data.caption_concepts import (concept_vocabulary, read_vocabulary, unmaskable,
                                                 wordpiece_vocabulary)
+    from vislearn.models.icmlm import bert_preset_tokenizer, concept_words_not_in
 
     filled = _fill_from_data(model_args, data, keys=("image_shape",))
-    if not filled.get("vocabulary"):
-        filled["vocabulary"] = wordpiece_vocabulary(data.train_captions)
-    vocabulary = read_vocabulary(filled["vocabulary"], filled.get("vocabulary_size"))
+    if filled.get("bert_preset"):
+        vocabulary = list(bert_preset_tokenizer(filled["bert_preset"]).get_vocabulary())
+    else:
+        if not filled.get("vocabulary"):
+            filled["vocabulary"] = wordpiece_vocabulary(data.train_captions)
+        vocabulary = read_vocabulary(filled["vocabulary"], filled.get("vocabulary_size"))
     filled.setdefault("vocabulary_size", len(vocabulary))
     if not filled.get("concepts"):
         filled["concepts"] = concept_vocabulary(data.train_captions, vocabulary)
+        split = concept_words_not_in(vocabulary, data.train_captions) if filled.get("bert_preset") else []
+        if split:
+            log.warning("%d caption word(s) that would be concepts are not one token of model.bert_preset's "
+                        "vocabulary (e.g. %r); they are not masked", len(split), split[0])
         if not filled["concepts"]:
             raise ConfigError("model.concepts: no caption word qualifies as a concept (a non-stop word in at "
                               "least 5 training captions that is one vocabulary token); give model.concepts")

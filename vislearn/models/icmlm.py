@@ -18,6 +18,12 @@ map before its global pooling) conditions the prediction. Two ways:
   that predicts the token.
 - `text_only`: the same language model without the image (the ablation).
 
+The language model is trained from scratch unless `bert_preset` names a local
+keras-hub BERT preset: then, as in the paper, that pretrained BERT is the
+language model, frozen, and its WordPiece tokenizer replaces the captions'
+vocabulary; only the visual side, the fusion / attention modules and the heads
+learn.
+
 Beside the image-conditioned head every variant trains a text-only head on
 the language model's output at the masked position (weight
 `text_head_weight`; it is the whole model in `text_only`): the language
@@ -35,13 +41,17 @@ Reference:
     Annotations", ECCV 2020.
 """
 
+import os
+from pathlib import Path
+
 import keras
 import tensorflow as tf
 from keras import layers
 
 from vislearn.backbones import BN_MOMENTUM, build_backbone
 from vislearn.config import ConfigError
-from vislearn.data.caption_concepts import MASK, check_concepts, mask_one_concept, read_vocabulary
+from vislearn.data.caption_concepts import (MASK, PAD, caption_words, check_concepts, concept_vocabulary,
+                                            mask_one_concept, read_vocabulary)
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 
@@ -58,6 +68,64 @@ def spatial_encoder(encoder):
     return keras.Model(encoder.inputs, feature_map, name=f"{encoder.name}_map")
 
 
+# ---------------------------------------------------------------- a user's pretrained BERT
+
+
+def local_bert_preset(path, where="model.bert_preset"):
+    """The absolute path of a local keras-hub BERT preset directory: what
+    `BertBackbone.save_to_preset` and `BertTokenizer.save_to_preset` write
+    (config.json, model.weights.h5, tokenizer.json, assets/tokenizer/vocabulary.txt).
+
+    Only local directories are accepted: a built-in preset name, a Kaggle or
+    Hugging Face handle would make keras-hub download, so they are errors.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConfigError(f"{where}: expected the path of a local keras-hub BERT preset directory, received {path!r}")
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ConfigError(f"{where}: {str(path)!r} is not an existing local directory; only local keras-hub presets "
+                          "are loaded (a directory written by BertBackbone.save_to_preset and "
+                          "BertTokenizer.save_to_preset), nothing is downloaded")
+    for name in ("config.json", "tokenizer.json"):
+        if not (directory / name).is_file():
+            raise ConfigError(f"{where}: {path} is not a keras-hub BERT preset (it holds no {name}; expected a "
+                              "directory written by BertBackbone.save_to_preset and BertTokenizer.save_to_preset)")
+    return str(directory.resolve())  # absolute, so keras-hub never reads it as a preset name or handle
+
+
+def _from_local_preset(cls, path, where):
+    directory = local_bert_preset(path, where)
+    try:
+        return cls.from_preset(directory)
+    except (ValueError, OSError, KeyError, TypeError) as error:  # keras-hub's messages span lines: keep the first
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"{where}: {path} is not a keras-hub BERT preset that loads as {cls.__name__} "
+                          f"({first_line})") from None
+
+
+def bert_preset_tokenizer(path, where="model.bert_preset"):
+    """The `BertTokenizer` (WordPiece vocabulary, special tokens) of a local preset."""
+    import keras_hub
+
+    return _from_local_preset(keras_hub.models.BertTokenizer, path, where)
+
+
+def bert_preset_backbone(path, where="model.bert_preset"):
+    """The `BertBackbone` of a local preset, with its pretrained weights."""
+    import keras_hub
+
+    return _from_local_preset(keras_hub.models.BertBackbone, path, where)
+
+
+def concept_words_not_in(vocabulary, captions):
+    """Words that pass the concept rule but are not one whole token of
+    `vocabulary` (a pretrained BERT splits rarer words into several
+    wordpieces): they cannot be masked as one token, so they are not concepts."""
+    words = {word for caption in captions for word in caption_words(caption)}
+    tokens = set(vocabulary)
+    return [word for word in concept_vocabulary(captions, words) if word not in tokens]
+
+
 @keras.saving.register_keras_serializable(package="vislearn")
 class ICMLM(keras.Model):
     """Image-conditioned masked language model (ICMLM-tfm / ICMLM-att).
@@ -67,17 +135,31 @@ class ICMLM(keras.Model):
         vocabulary: WordPiece tokens (ids 0-2 `[PAD]`, `[UNK]`, `[MASK]`), or
             a vocabulary file, one token a line. Recipes compute it from the
             training captions (`caption_concepts.wordpiece_vocabulary`).
+            None with `bert_preset` (the preset's vocabulary is used).
         concepts: the maskable words, each one whole token of the vocabulary
             (`caption_concepts.concept_vocabulary`); also the tag head's labels.
+            A given concept that is not one whole token (with `bert_preset`: a
+            word the preset's tokenizer splits into several wordpieces, or
+            lacks) is an error; recipes deriving the concepts leave such words
+            out and log how many.
         vocabulary_size: when given, the vocabulary must have this many tokens
-            (a file that changed since training is a clear error, not a shape
-            mismatch deep in weight loading).
+            (a file or preset that changed since training is a clear error,
+            not a shape mismatch deep in weight loading).
+        bert_preset: path of a local keras-hub BERT preset directory (what
+            `BertBackbone.save_to_preset` + `BertTokenizer.save_to_preset`
+            write); never a preset name to download. That pretrained BERT,
+            frozen (`trainable=False`, run in inference mode), is the language
+            model: its sequence output (projected to `width` when its hidden
+            size differs) replaces the token embedding and `text_layers`
+            (ignored then), captions are tokenised by its tokenizer as
+            `[CLS] caption [SEP]`, and its `[MASK]` id masks. The visual
+            encoder, the fusion / attention modules and the heads still learn.
         variant: `"tfm"`, `"att"` or `"text_only"`.
         backbone: name or `{"name": ..., **kwargs}` of a vislearn backbone.
         sequence_length: captions are cut / padded to this many tokens.
         width: text width (and width of the projected visual tokens).
         num_heads, intermediate_dim, dropout: of every transformer layer.
-        text_layers: TransformerEncoder layers of the language model.
+        text_layers: TransformerEncoder layers of the language model (without `bert_preset`).
         fusion_layers: TransformerEncoder layers fusing image and text (`tfm`).
         tag_weight: weight of the tag-prediction loss (0 turns it off).
         text_head_weight: weight of the text-only head's loss in `tfm`/`att`.
@@ -97,14 +179,29 @@ class ICMLM(keras.Model):
     def __init__(self, image_shape=(64, 64, 3), vocabulary=None, concepts=None, vocabulary_size=None,
                  variant="tfm", backbone="small_cnn", sequence_length=32, width=64, num_heads=4,
                  intermediate_dim=128, text_layers=2, fusion_layers=1, dropout=0.1, tag_weight=1.0,
-                 text_head_weight=1.0, batchnorm_momentum=BN_MOMENTUM, **kwargs):
+                 text_head_weight=1.0, batchnorm_momentum=BN_MOMENTUM, bert_preset=None, **kwargs):
         import keras_hub  # imported here: `import vislearn.models` stays free of keras-hub's import cost
 
         super().__init__(**kwargs)
         if variant not in VARIANTS:
             raise ConfigError(f"model.variant: expected one of {list(VARIANTS)}, received {variant!r}")
         self.vocabulary_source = vocabulary if isinstance(vocabulary, str) else None
-        self.vocabulary = read_vocabulary(vocabulary, vocabulary_size)
+        self.bert_preset = str(bert_preset) if bert_preset else None
+        if self.bert_preset:
+            # The pretrained BERT's tokenizer: its vocabulary and special tokens replace the captions' ones.
+            if vocabulary is not None:
+                raise ConfigError("model.vocabulary: give either model.vocabulary or model.bert_preset (whose "
+                                  "tokenizer's vocabulary is used), not both")
+            self.tokenizer = bert_preset_tokenizer(bert_preset)
+            self.vocabulary = list(self.tokenizer.get_vocabulary())
+            if vocabulary_size is not None and len(self.vocabulary) != int(vocabulary_size):
+                raise ConfigError(f"model.bert_preset: {bert_preset} holds {len(self.vocabulary)} tokens but the "
+                                  f"model was built for vocabulary_size {vocabulary_size}; use the preset the "
+                                  "model was trained with")
+            self.mask_id, self.pad_id = self.tokenizer.mask_token_id, self.tokenizer.pad_token_id
+        else:
+            self.vocabulary = read_vocabulary(vocabulary, vocabulary_size)
+            self.mask_id, self.pad_id = self.vocabulary.index(MASK), self.vocabulary.index(PAD)
         self.concepts = [str(c) for c in (concepts or [])]
         concept_ids = check_concepts(self.concepts, self.vocabulary)
         self.image_shape = tuple(image_shape)
@@ -116,7 +213,6 @@ class ICMLM(keras.Model):
             text_head_weight)
         self.batchnorm_momentum = float(batchnorm_momentum)
         vocab_size = len(self.vocabulary)
-        self.mask_id = self.vocabulary.index(MASK)
         # token id -> concept index (-1: not a concept)
         table = [-1] * vocab_size
         for index, token_id in enumerate(concept_ids):
@@ -132,18 +228,31 @@ class ICMLM(keras.Model):
         _, h, w, _ = self.feature_map.output_shape
         self.num_cells = h * w
 
-        # Language model.
-        self.tokenizer = keras_hub.tokenizers.WordPieceTokenizer(
-            vocabulary=self.vocabulary, sequence_length=self.sequence_length, lowercase=True, name="tokenizer")
-        self.token_embedding = keras_hub.layers.TokenAndPositionEmbedding(
-            vocab_size, self.sequence_length, self.width, name="token_embedding")
-        self.embedding_norm = layers.LayerNormalization(epsilon=1e-5, name="embedding_norm")
-
         def transformer(name):
             return keras_hub.layers.TransformerEncoder(self.intermediate_dim, self.num_heads, self.dropout,
                                                        activation="gelu", name=name)
 
-        self.text_encoder = [transformer(f"text_layer{i}") for i in range(self.text_layers)]
+        # Language model: a user's pretrained BERT, frozen, or layers trained from scratch.
+        if self.bert_preset:
+            self.bert = bert_preset_backbone(bert_preset)
+            self.bert.trainable = False  # as in the paper: only the visual side and the fusion modules learn
+            if self.sequence_length > self.bert.max_sequence_length:
+                raise ConfigError(f"model.sequence_length: {self.sequence_length} is longer than the BERT "
+                                  f"preset's max_sequence_length {self.bert.max_sequence_length}")
+            # [CLS] caption [SEP] [PAD]...: the layout the BERT was pretrained on.
+            self.packer = keras_hub.layers.StartEndPacker(
+                self.sequence_length, start_value=self.tokenizer.cls_token_id,
+                end_value=self.tokenizer.sep_token_id, pad_value=self.pad_id, name="packer")
+            self.text_projection = (None if self.bert.hidden_dim == self.width
+                                    else layers.Dense(self.width, name="text_projection"))
+        else:
+            self.bert = None
+            self.tokenizer = keras_hub.tokenizers.WordPieceTokenizer(
+                vocabulary=self.vocabulary, sequence_length=self.sequence_length, lowercase=True, name="tokenizer")
+            self.token_embedding = keras_hub.layers.TokenAndPositionEmbedding(
+                vocab_size, self.sequence_length, self.width, name="token_embedding")
+            self.embedding_norm = layers.LayerNormalization(epsilon=1e-5, name="embedding_norm")
+            self.text_encoder = [transformer(f"text_layer{i}") for i in range(self.text_layers)]
         self.text_head = layers.Dense(vocab_size, name="text_head")
 
         # Image conditioning.
@@ -187,10 +296,22 @@ class ICMLM(keras.Model):
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         build_optimizer_state(self)
 
+    def tokenize(self, captions):
+        """Captions [N] -> token ids [N, sequence_length] (padded with the pad id)."""
+        tokens = self.tokenizer(captions)
+        if self.bert is not None:
+            tokens = self.packer(tokens)
+        return tf.cast(tokens, tf.int32)
+
     def encode_text(self, tokens, training=False):
         """Language model: token ids [N, L] -> contextual features [N, L, width]."""
+        padding = tokens != self.pad_id
+        if self.bert is not None:
+            # Frozen: always in inference mode (no dropout), a fixed text feature extractor.
+            x = self.bert({"token_ids": tokens, "segment_ids": tf.zeros_like(tokens),
+                           "padding_mask": tf.cast(padding, tf.int32)}, training=False)["sequence_output"]
+            return x if self.text_projection is None else self.text_projection(x)
         x = self.embedding_norm(self.token_embedding(tokens))
-        padding = tokens != 0
         for layer in self.text_encoder:
             x = layer(x, padding_mask=padding, training=training)
         return x
@@ -227,7 +348,7 @@ class ICMLM(keras.Model):
         if self.variant == "tfm":
             x = tf.concat([visual + self.modality_embedding(tf.zeros_like(visual[..., 0], tf.int32)),
                            text + self.modality_embedding(tf.ones_like(masked_tokens))], axis=1)
-            padding = tf.concat([tf.ones_like(visual[..., 0], tf.bool), masked_tokens != 0], axis=1)
+            padding = tf.concat([tf.ones_like(visual[..., 0], tf.bool), masked_tokens != self.pad_id], axis=1)
             for layer in self.fusion:
                 x, attention = layer(x, padding_mask=padding, training=training, return_attention_scores=True)
             fused = tf.gather(x, positions + self.num_cells, batch_dims=1)
@@ -259,7 +380,7 @@ class ICMLM(keras.Model):
         per_image = tf.shape(captions)[1]
         captions = tf.reshape(captions, [-1])
         caption_image = tf.repeat(tf.range(tf.shape(images)[0]), per_image)
-        tokens = tf.cast(self.tokenizer(captions), tf.int32)
+        tokens = self.tokenize(captions)
         masked, positions, labels, valid = mask_one_concept(
             tokens, tf.gather(self.concept_index, tokens) >= 0, self.mask_id, seed)
         outputs = self.predict_masked(images, masked, positions, caption_image, training=training)
@@ -307,7 +428,8 @@ class ICMLM(keras.Model):
 
     def get_config(self):
         config = super().get_config()
-        config.update(image_shape=list(self.image_shape), vocabulary=self.vocabulary_source or list(self.vocabulary),
+        vocabulary = None if self.bert_preset else self.vocabulary_source or list(self.vocabulary)
+        config.update(image_shape=list(self.image_shape), vocabulary=vocabulary, bert_preset=self.bert_preset,
                       concepts=list(self.concepts), vocabulary_size=len(self.vocabulary), variant=self.variant,
                       backbone=self.backbone_spec, sequence_length=self.sequence_length, width=self.width,
                       num_heads=self.num_heads, intermediate_dim=self.intermediate_dim,
