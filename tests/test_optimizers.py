@@ -30,6 +30,12 @@ def test_build_optimizer_fills_decay_steps_and_rejects_unknown_names():
     optimizer = build_optimizer({"name": "sgd", "learning_rate": 0.01, "momentum": 0.9,
                                  "schedule": {"name": "dann", "decay_steps": None}}, total_steps=400)
     assert optimizer._learning_rate.decay_steps == 400
+    # Left out is the same as null: the schedule spans the run, not the class default.
+    optimizer = build_optimizer({"name": "adam", "learning_rate": 0.002,
+                                 "schedule": {"name": "cosine", "warmup_steps": 0}}, total_steps=512)
+    assert optimizer._learning_rate.decay_steps == 512
+    optimizer = build_optimizer({"name": "adam", "schedule": {"name": "cosine", "decay_steps": 1000}}, 512)
+    assert optimizer._learning_rate.decay_steps == 1000
     with pytest.raises(ConfigError, match="did you mean 'sgd'"):
         build_optimizer({"name": "sdg"}, 10)
 

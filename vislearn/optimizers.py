@@ -5,6 +5,7 @@ use. Schedules whose length is the run's length take `decay_steps: null`,
 which `build_optimizer` fills with the total number of training steps.
 """
 
+import inspect
 import keras
 from keras import ops
 
@@ -211,7 +212,8 @@ def build_schedule(spec, total_steps, where="optimizer.schedule"):
     spec = dict(spec)
     name = spec.pop("name", "constant")
     builder = pick(SCHEDULES, name, f"{where}.name")
-    if "decay_steps" in spec and spec["decay_steps"] is None:
+    # decay_steps null or left out: the whole run (a builder default such as 1000 would not scale with it).
+    if spec.get("decay_steps") is None and "decay_steps" in inspect.signature(builder).parameters:
         spec["decay_steps"] = int(total_steps)
     return builder(**spec)
 
