@@ -4,16 +4,18 @@ The same protocol as benchmarks/ssl_pretext.py: each method pretrains the
 recipes' encoder (small_cnn width 16 depth 3, 32x32) on the unlabelled train
 split of scikit-learn's digits through `vislearn fit`'s code path; a linear
 probe (`linear_top1`) and a weighted kNN (`knn_top1`) are then fitted on the
-frozen features of the labelled probe split and scored on the test split.
-Reference rows: the encoder at random initialisation and the encoder trained
-with labels (`supervised_digits`). Every row is the mean of the given seeds.
+frozen features of labelled train images and scored on the test split, at
+label budgets of 1, 3, 10 images per class and every label (the target is
+checked at `--probe-labels-per-class`, default 3). Reference rows: the encoder
+at random initialisation and the encoder trained with labels
+(`supervised_digits`). Every row is the mean of the given seeds.
 
 Then a throughput comparison: vislearn's SimCLR train step against a train
 step written the way the keras.io SimCLR example writes it (Keras
 preprocessing layers for the views, an N x N cross-view loss), on the same
 encoder, projection head and batch, timed with `model.fit` after a warm-up.
 
-    python benchmarks/ssl_contrastive.py [--seeds 0 1 2] [--epochs N] [--set data.probe_labels_per_class=10]
+    python benchmarks/ssl_contrastive.py [--seeds 0 1 2] [--epochs N] [--probe-labels-per-class 3]
     python benchmarks/ssl_contrastive.py --throughput-only
 """
 
@@ -23,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ssl_pretext import print_table, run_rows, summary  # noqa: E402  (the same protocol rows)
+from ssl_pretext import (add_protocol_arguments, budget_name, print_sweep, print_table,  # noqa: E402
+                         resolve_budgets, run_rows, summary)  # the same protocol rows
 
 METHODS = ("simclr", "moco_v2", "mochi")
 TARGET_GAIN = 0.10     # each method should beat random-init linear_top1 by >= 10 points
@@ -33,19 +36,23 @@ TARGET_CEILING = 0.05  # the best within 5 points of the supervised encoder
 def protocol(args):
     rows = ["random_init", *args.methods, "supervised"]
     results, elapsed = run_rows(rows, args)
+    budget = args.target_budget
 
-    print_table(results, rows, TARGET_GAIN, f"digits, {len(args.seeds)} seeds, epochs {args.epochs or 'recipe'}")
-    supervised_linear, _ = summary(results["supervised"]["linear_top1"])
-    contrastive = [row for row in args.methods]
-    if contrastive:
-        best = max(contrastive, key=lambda row: summary(results[row]["linear_top1"])[0])
-        gap = supervised_linear - summary(results[best]["linear_top1"])[0]
-        print(f"\nbest contrastive: {best}, {gap * 100:.1f} points below supervised "
+    def linear(row):
+        return summary(results[row][budget]["linear_top1"])[0]
+
+    print_table(results, rows, TARGET_GAIN, f"digits, {len(args.seeds)} seeds, epochs {args.epochs or 'recipe'}",
+                budget)
+    if args.methods:
+        best = max(args.methods, key=linear)
+        gap = linear("supervised") - linear(best)
+        print(f"\nbest contrastive ({budget_name(budget)}): {best}, {gap * 100:.1f} points below supervised "
               f"(target <= {TARGET_CEILING * 100:.0f}: {'met' if gap <= TARGET_CEILING else 'not met'})")
     if "mochi" in args.methods and "moco_v2" in args.methods:
         for key in ("linear_top1", "knn_top1"):
-            mochi, moco = summary(results["mochi"][key])[0], summary(results["moco_v2"][key])[0]
+            mochi, moco = (summary(results[row][budget][key])[0] for row in ("mochi", "moco_v2"))
             print(f"MoChi vs MoCo v2 ({key}, equal epochs): {mochi:.4f} vs {moco:.4f} ({(mochi - moco) * 100:+.1f})")
+    print_sweep(results, rows, args.budgets)
     print(f"\nprotocol total {elapsed / 60:.1f} min")
 
 
@@ -149,17 +156,14 @@ def throughput(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=None, help="default: the recipes'")
+    add_protocol_arguments(parser, "benchmarks/out/ssl_contrastive")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--out", default="benchmarks/out/ssl_contrastive")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="applied to every recipe, e.g. data.probe_labels_per_class=10")
     parser.add_argument("--throughput-only", action="store_true")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--throughput-batch", type=int, default=128)
     parser.add_argument("--throughput-steps", type=int, default=15)
     args = parser.parse_args()
+    resolve_budgets(args)
     if not args.throughput_only:
         protocol(args)
     if not args.no_throughput:

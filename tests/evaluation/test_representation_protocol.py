@@ -12,8 +12,9 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from vislearn.data.unlabelled import labelled_subset
 from vislearn.evaluation.representation import (KNNMonitor, extract_features, knn_predict, knn_top1,
-                                                linear_top1, representation_metrics)
+                                                label_budget_metrics, linear_top1, representation_metrics)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,28 @@ def test_knn_votes_are_temperature_weighted_not_majority():
 def _labelled(x, y, batch=64):
     images = tf.image.resize(tf.constant(x.reshape(-1, 8, 8, 1) / 16.0, "float32"), (8, 8))
     return tf.data.Dataset.from_tensor_slices((tf.repeat(images, 3, axis=-1), y)).batch(batch)
+
+
+def test_label_budgets_average_the_probe_over_class_balanced_draws(digit_features):
+    x_train, y_train, x_test, y_test = digit_features
+    train, test = _labelled(x_train, y_train), _labelled(x_test, y_test)
+    inputs = keras.Input((8, 8, 3))
+    encoder = keras.Model(inputs, keras.layers.Flatten()(inputs), name="identity")
+    results = label_budget_metrics(encoder, train, test, budgets=(1, 5, None), draws=2)
+    assert set(results) == {1, 5, None}
+
+    features, labels = extract_features(encoder, train)
+    test_features, _ = extract_features(encoder, test)
+    draws = [labelled_subset(labels, 5, draw) for draw in range(2)]
+    for keep in draws:  # 5 images of every class, a different 50 per draw
+        assert np.array_equal(np.bincount(labels[keep]), np.full(10, 5))
+    assert not np.array_equal(draws[0], draws[1])
+    expected = np.mean([linear_top1(features[keep], labels[keep], test_features, y_test) for keep in draws])
+    assert results[5]["linear_top1"] == pytest.approx(expected)
+    assert results[None]["linear_top1"] == pytest.approx(linear_top1(features, labels, test_features, y_test))
+    assert results[None]["knn_top1"] == pytest.approx(knn_top1(features, labels, test_features, y_test))
+    # More labels, a better probe, on real pixels.
+    assert results[1]["linear_top1"] < results[5]["linear_top1"] < results[None]["linear_top1"]
 
 
 def test_metrics_of_an_encoder_and_the_online_monitor_in_history_csv(digit_features, tmp_path):

@@ -71,6 +71,15 @@ def test_rotations_are_made_inside_the_batch_with_their_labels(images):
         RotNet(image_shape=(32, 24, 3))
 
 
+def test_rotnet_crops_before_rotating_and_checks_the_crop_scale(images):
+    data, batch = images
+    model = RotNet(backbone=TINY, head_units=(16,), crop_scale=(0.5, 1.0))
+    history = _fit_and_round_trip(model, data.train)
+    assert set(history) == {"loss", "rotation_accuracy"} and model.get_config()["crop_scale"] == [0.5, 1.0]
+    with pytest.raises(ConfigError, match=r"model.crop_scale: expected 0 < min <= max <= 1, received \[0.0, 1.0\]"):
+        RotNet(crop_scale=[0, 1])
+
+
 def test_exemplar_classes_are_seed_indices_and_transformations_are_strong(digits_folders_root, images):
     _, batch = images
     data = digits_ssl(root=digits_folders_root, batch_size=16, train_targets="exemplars", num_exemplars=48)
@@ -93,6 +102,28 @@ def test_context_pairs_come_from_the_labelled_grid_position():
     expected = (np.array(NEIGHBOURS)[np.asarray(labels)] - 1) * (p + g)
     np.testing.assert_allclose(offset, expected, atol=1e-3)
     assert centre.shape == (64, 32, 32, 3) and len(set(np.asarray(labels))) > 4
+
+
+def test_native_patches_keep_their_pixels_centred_on_a_black_canvas(images):
+    size, p = 32, 9
+    image = np.random.default_rng(0).random((1, size, size, 3)).astype("float32")
+    model = ContextPrediction(backbone=TINY, patch_size=p, gap=1, jitter=0, colour_handling=None,
+                              patch_scale="native")
+    centre, neighbour, _ = model.sample_pairs(tf.constant(np.repeat(image, 8, 0)))
+    centre, neighbour = np.asarray(centre), np.asarray(neighbour)
+    start = (size - p) // 2
+    inside = np.zeros((size, size), bool)
+    inside[start:start + p, start:start + p] = True
+    assert centre.shape == (8, size, size, 3) and np.all(centre[:, ~inside] == 0) and np.all(neighbour[:, ~inside] == 0)
+    # The centre cell's pixels, unscaled: the 29-pixel grid sits at offset 0..3, its cells 10 apart.
+    cuts = [image[0, y + 10:y + 10 + p, x + 10:x + 10 + p] for y in range(4) for x in range(4)]
+    for patch in centre[:, inside].reshape(8, p, p, 3):
+        assert any(np.allclose(patch, cut, atol=1e-5) for cut in cuts)
+    history = _fit_and_round_trip(ContextPrediction(backbone=TINY, fusion_units=16, patch_scale="native",
+                                                    crop_scale=(0.5, 1.0)), images[0].train)
+    assert set(history) == {"loss", "position_accuracy"}
+    with pytest.raises(ConfigError, match="model.patch_scale: expected one of"):
+        ContextPrediction(patch_scale="zoom")
 
 
 def test_context_prediction_trains_and_handles_colour(images):

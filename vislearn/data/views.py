@@ -100,6 +100,17 @@ def gaussian_blur(images, sigma, kernel_size):
     return tf.transpose(tf.reshape(blurred, [height, width, batch, channels]), [2, 0, 1, 3])
 
 
+def check_crop_scale(crop_scale, where="crop_scale"):
+    """(min, max) area fractions with 0 < min <= max <= 1, as a tuple of floats."""
+    try:
+        low, high = (float(v) for v in crop_scale)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected [min, max] area fractions, received {crop_scale!r}") from None
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"{where}: expected 0 < min <= max <= 1, received {[low, high]}")
+    return low, high
+
+
 def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08, 1.0),
                    ratio=(3 / 4, 4 / 3), flip=0.5, jitter_probability=0.8, grayscale_probability=0.2,
                    blur_probability=0.5, blur_sigma=(0.1, 2.0)):
@@ -117,8 +128,7 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
     """
     if strength < 0:
         raise ConfigError(f"strength: expected a colour jitter strength >= 0, received {strength}")
-    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise ConfigError(f"crop_scale: expected 0 < min <= max <= 1, received {list(crop_scale)}")
+    crop_scale = check_crop_scale(crop_scale)
     images = tf.convert_to_tensor(images, tf.float32)
     seed = draw_seed() if seed is None else seed
     seeds = _seeds(seed, 12)

@@ -104,6 +104,34 @@ def representation_metrics(encoder, probe_train, probe_test, k=KNN_K, temperatur
     }
 
 
+def label_budget_metrics(encoder, probe_train, probe_test, budgets=(1, 3, 10, None), draws=3):
+    """The protocol at several label budgets, on features extracted once.
+
+    For each budget (labelled images per class; None = every label of
+    `probe_train`) the linear probe and kNN are fitted on `draws`
+    class-balanced subsets (drawn with seeds 0..draws-1) and their scores
+    averaged: with a few labels per class, which images are labelled moves
+    the score by several points.
+
+    Returns:
+        {budget: {"linear_top1": mean, "knn_top1": mean}}.
+    """
+    from vislearn.data.unlabelled import labelled_subset
+
+    train_features, train_labels = extract_features(encoder, probe_train)
+    test_features, test_labels = extract_features(encoder, probe_test)
+    results = {}
+    for budget in budgets:
+        subsets = ([labelled_subset(train_labels, int(budget), draw) for draw in range(draws)]
+                   if budget else [np.arange(len(train_labels))])
+        scores = [(linear_top1(train_features[keep], train_labels[keep], test_features, test_labels),
+                   knn_top1(train_features[keep], train_labels[keep], test_features, test_labels))
+                  for keep in subsets]
+        results[budget] = {"linear_top1": float(np.mean([linear for linear, _ in scores])),
+                           "knn_top1": float(np.mean([knn for _, knn in scores]))}
+    return results
+
+
 class KNNMonitor(keras.callbacks.Callback):
     """Writes the weighted-kNN top-1 accuracy of the model's encoder into the
     epoch logs (key `knn_top1`), so CSVLogger, TensorBoard and ModelCheckpoint

@@ -16,6 +16,7 @@ import tensorflow as tf
 from keras import layers
 
 from vislearn.backbones import build_backbone
+from vislearn.data.views import check_crop_scale, simclr_augment
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 
@@ -38,6 +39,13 @@ class RotNet(keras.Model):
         image_shape: (height, width, channels); height must equal width.
         backbone: name or `{"name": ..., **kwargs}` of a vislearn backbone: the encoder.
         head_units: hidden widths of the rotation classifier.
+        crop_scale: optional (min, max) area fraction of a random resized
+            crop (no flip, no colour change) taken of every image before it
+            is rotated, as the paper's random crops; None trains on the
+            images as given. On digits without it the rotation task is
+            solved from memorised images (rotation accuracy 0.999) and the
+            features drift away from the classes (kNN 0.90 -> 0.79 over 30
+            epochs); with [0.5, 1] they do not (0.95).
 
     Call arguments:
         images: float tensor (batch, height, width, channels) in [0, 1].
@@ -49,13 +57,15 @@ class RotNet(keras.Model):
         Batches of images (no labels); each step sees 4x the batch.
     """
 
-    def __init__(self, image_shape=(32, 32, 3), backbone="small_cnn", head_units=(128,), **kwargs):
+    def __init__(self, image_shape=(32, 32, 3), backbone="small_cnn", head_units=(128,), crop_scale=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if image_shape[0] != image_shape[1]:
             raise ValueError(f"model.image_shape: rotation needs square images, received {list(image_shape)}")
         self.image_shape = tuple(image_shape)
         self.backbone_spec = backbone
         self.head_units = tuple(head_units)
+        self.crop_scale = None if crop_scale is None else check_crop_scale(crop_scale, "model.crop_scale")
 
         self.encoder = build_backbone(backbone, self.image_shape)
         self.head = keras.Sequential(
@@ -79,6 +89,9 @@ class RotNet(keras.Model):
 
     def train_step(self, data):
         images = data[0] if isinstance(data, (tuple, list)) else data
+        if self.crop_scale is not None:
+            images = simclr_augment(images, strength=0.0, crop_scale=self.crop_scale, flip=0.0,
+                                    grayscale_probability=0.0)
         rotated, labels = rotate_batch(images)
         with tf.GradientTape() as tape:
             logits = self(rotated, training=True)
@@ -101,5 +114,6 @@ class RotNet(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(image_shape=list(self.image_shape), backbone=self.backbone_spec,
-                      head_units=list(self.head_units))
+                      head_units=list(self.head_units),
+                      crop_scale=None if self.crop_scale is None else list(self.crop_scale))
         return config
