@@ -158,3 +158,11 @@ def map_views(dataset, seed=0, views=2, **options):
         return tuple(simclr_augment(images, seed=s, **options) for s in _seeds(base, views))
 
     return dataset.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def random_resized_crops(images, crop_scale, seed=None):
+    """Only the geometric part of the views: a random resized crop of every
+    image (area fraction in `crop_scale`), no flip and no colour change, for
+    pretext tasks whose labels a flip or a colour change would corrupt."""
+    return simclr_augment(images, seed=seed, strength=0.0, crop_scale=crop_scale, flip=0.0,
+                          grayscale_probability=0.0)

@@ -29,7 +29,7 @@ from keras import layers
 
 from vislearn.backbones import build_backbone
 from vislearn.config import ConfigError
-from vislearn.data.views import check_crop_scale, simclr_augment
+from vislearn.data.views import check_crop_scale, random_resized_crops
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 
@@ -144,8 +144,7 @@ class ContextPrediction(keras.Model):
         batch = tf.shape(images)[0]
         height, width = self.image_shape[0], self.image_shape[1]
         if self.crop_scale is not None:
-            images = simclr_augment(images, strength=0.0, crop_scale=self.crop_scale, flip=0.0,
-                                    grayscale_probability=0.0)
+            images = random_resized_crops(images, self.crop_scale)
         p, g, j = self.patch_size, self.gap, self.jitter
         span = 3 * p + 2 * g
         # The grid is placed at a random offset that leaves room for the jitter.

@@ -16,7 +16,7 @@ import tensorflow as tf
 from keras import layers
 
 from vislearn.backbones import build_backbone
-from vislearn.data.views import check_crop_scale, simclr_augment
+from vislearn.data.views import check_crop_scale, random_resized_crops
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 
@@ -90,8 +90,7 @@ class RotNet(keras.Model):
     def train_step(self, data):
         images = data[0] if isinstance(data, (tuple, list)) else data
         if self.crop_scale is not None:
-            images = simclr_augment(images, strength=0.0, crop_scale=self.crop_scale, flip=0.0,
-                                    grayscale_probability=0.0)
+            images = random_resized_crops(images, self.crop_scale)
         rotated, labels = rotate_batch(images)
         with tf.GradientTape() as tape:
             logits = self(rotated, training=True)
