@@ -163,16 +163,15 @@ class ContextPrediction(keras.Model):
                              (top + p - 1) / (height - 1), (left + p - 1) / (width - 1)], axis=1)
 
         index = tf.range(batch)
-        if self.patch_scale == "native":
-            # Each patch keeps its pixel scale, centred on a blank canvas of the input size.
-            offset_y, offset_x = (height - p) // 2, (width - p) // 2
-            centre = tf.image.pad_to_bounding_box(tf.image.crop_and_resize(images, boxes(cells[0]), index, (p, p)),
-                                                  offset_y, offset_x, height, width)
-            neighbour = tf.image.pad_to_bounding_box(
-                tf.image.crop_and_resize(images, boxes(cells[1]), index, (p, p)), offset_y, offset_x, height, width)
-        else:
-            centre = tf.image.crop_and_resize(images, boxes(cells[0]), index, (height, width))
-            neighbour = tf.image.crop_and_resize(images, boxes(cells[1]), index, (height, width))
+
+        def cut(cell):
+            if self.patch_scale == "resize":
+                return tf.image.crop_and_resize(images, boxes(cell), index, (height, width))
+            # "native": the patch keeps its pixel scale, centred on a black canvas of the input size.
+            patch = tf.image.crop_and_resize(images, boxes(cell), index, (p, p))
+            return tf.image.pad_to_bounding_box(patch, (height - p) // 2, (width - p) // 2, height, width)
+
+        centre, neighbour = cut(cells[0]), cut(cells[1])
         return self.handle_colour(centre), self.handle_colour(neighbour), tf.cast(labels, tf.int64)
 
     def handle_colour(self, patches):
