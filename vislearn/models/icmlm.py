@@ -316,9 +316,8 @@ class ICMLM(keras.Model):
             x = layer(x, padding_mask=padding, training=training)
         return x
 
-    def visual_tokens(self, images, training=False):
-        """Feature-map cells -> [B, h*w, width] tokens with a learned cell position."""
-        cells = self.feature_map(images, training=training)
+    def visual_tokens(self, cells):
+        """Feature map [B, h, w, C] -> [B, h*w, width] tokens with a learned cell position."""
         cells = tf.reshape(cells, [tf.shape(cells)[0], self.num_cells, cells.shape[-1]])
         x = self.visual_projection(cells)
         return x + self.cell_embedding(x)
@@ -344,7 +343,9 @@ class ICMLM(keras.Model):
         outputs = {"text_logits": self.text_head(at_mask)}
         if self.variant == "text_only":
             return outputs
-        visual = tf.gather(self.visual_tokens(images, training=training), caption_image)  # [N, cells, width]
+        # One pass of the encoder serves the visual tokens and the pooled tag features.
+        cells = self.feature_map(images, training=training)
+        visual = tf.gather(self.visual_tokens(cells), caption_image)               # [N, cells, width]
         if self.variant == "tfm":
             x = tf.concat([visual + self.modality_embedding(tf.zeros_like(visual[..., 0], tf.int32)),
                            text + self.modality_embedding(tf.ones_like(masked_tokens))], axis=1)
@@ -358,7 +359,7 @@ class ICMLM(keras.Model):
                                                  training=training)
             outputs["image_logits"] = self.image_head(tf.concat([at_mask, attended[:, 0]], axis=-1))
         outputs["attention"] = attention
-        outputs["tag_logits"] = self.tag_head(self.encoder(images, training=training))
+        outputs["tag_logits"] = self.tag_head(self.encoder.layers[-1](cells))  # the encoder's own pooling
         return outputs
 
     # ------------------------------------------------------------ steps
