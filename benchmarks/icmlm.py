@@ -205,8 +205,9 @@ def print_table(results, rows, title):
         r = results[row]
         masked = r.get("masked_accuracy")
         trained = row not in ("random_init", "text_only")
-        target = TARGET_PROBE_GAIN if row in ("tfm", "att") else None
-        masked_gain = gain(masked, text_only, TARGET_MASKED_GAIN) if row in ("tfm", "att") else "-"
+        icmlm_row = row in ("tfm", "att")  # the rows the targets apply to
+        target = TARGET_PROBE_GAIN if icmlm_row else None
+        masked_gain = gain(masked, text_only, TARGET_MASKED_GAIN) if icmlm_row else "-"
         shape_gain = gain(r["linear_top1"], random_init["linear_top1"], target) if trained else "-"
         colour_gain = gain(r["linear_top1_colour"], random_init["linear_top1_colour"], target) if trained else "-"
         print(f"| {row} | {fmt(masked)} | {masked_gain} | {fmt(r['linear_top1'])} | {shape_gain} "
