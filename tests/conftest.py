@@ -7,6 +7,15 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def pytest_collection_modifyitems(items):
+    """Groups for `pytest -n 2 --dist loadgroup` (what `make test` runs): a file's tests stay on one worker,
+    so its module fixtures are made once, and every test reading `mirrored_runs` shares one worker, so the
+    one subprocess that runs all registered MirroredStrategy fits runs once."""
+    for item in items:
+        group = "mirrored_runs" if "mirrored_runs" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def data_home(tmp_path_factory):
     """A private VISLEARN_DATA so tests never touch the user's cache."""

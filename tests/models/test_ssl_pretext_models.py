@@ -80,6 +80,17 @@ def test_rotnet_crops_before_rotating_and_checks_the_crop_scale(images):
         RotNet(crop_scale=[0, 1])
 
 
+def test_rotnet_head_can_read_the_feature_map_before_the_pooling(images):
+    data, batch = images
+    model = RotNet(backbone=TINY, head_units=(16,), head_input="feature_map")
+    # TINY's two stages take 32x32 to an 8x8x16 map; the head's first layer reads it flattened.
+    assert model.head.get_layer("head_fc0").kernel.shape == (8 * 8 * 16, 16)
+    _fit_and_round_trip(model, data.train)
+    assert model(batch).shape == (batch.shape[0], 4) and model.get_config()["head_input"] == "feature_map"
+    with pytest.raises(ValueError, match=r"model.head_input: expected one of \['pooled', 'feature_map'\]"):
+        RotNet(head_input="map")
+
+
 def test_exemplar_classes_are_seed_indices_and_transformations_are_strong(digits_folders_root, images):
     _, batch = images
     data = digits_ssl(root=digits_folders_root, batch_size=16, train_targets="exemplars", num_exemplars=48)

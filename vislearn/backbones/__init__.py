@@ -10,6 +10,8 @@ import difflib
 import keras
 from keras import layers
 
+from vislearn.config import ConfigError
+
 # Batch-norm moving-average momentum of every vislearn network (PyTorch's 0.1
 # is Keras' 0.9). Keras' default 0.99 averages over ~100 steps; in runs of a
 # few hundred to a few thousand steps the weights move faster than that, the
@@ -25,6 +27,15 @@ class PerImageCentering(layers.Layer):
 
     def call(self, images):
         return images - keras.ops.mean(images, axis=(1, 2, 3), keepdims=True)
+
+
+def spatial_encoder(encoder, needed_by):
+    """The backbone up to its global pooling / flattening: image -> [B, h, w, C] (shared weights)."""
+    feature_map = encoder.layers[-1].input
+    if len(feature_map.shape) != 4:
+        raise ConfigError(f"model.backbone: {encoder.name} has no spatial feature map before its last layer "
+                          f"(received shape {feature_map.shape}); {needed_by} needs one")
+    return keras.Model(encoder.inputs, feature_map, name=f"{encoder.name}_map")
 
 
 def dann_mnist(input_shape=(28, 28, 3), center=False, name="dann_mnist"):

@@ -48,7 +48,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from vislearn.backbones import BN_MOMENTUM, build_backbone
+from vislearn.backbones import BN_MOMENTUM, build_backbone, spatial_encoder
 from vislearn.config import ConfigError
 from vislearn.data.caption_concepts import (MASK, PAD, caption_words, check_concepts, concept_vocabulary,
                                             mask_one_concept, read_vocabulary)
@@ -57,15 +57,6 @@ from vislearn.losses import per_replica_mean
 
 VARIANTS = ("tfm", "att", "text_only")
 EVAL_SEED = (1234, 0)  # evaluation masks the same token of a caption every time
-
-
-def spatial_encoder(encoder):
-    """The backbone up to its global pooling / flattening: image -> [B, h, w, C] (shared weights)."""
-    feature_map = encoder.layers[-1].input
-    if len(feature_map.shape) != 4:
-        raise ConfigError(f"model.backbone: {encoder.name} has no spatial feature map before its last layer "
-                         f"(received shape {feature_map.shape}); ICMLM needs one")
-    return keras.Model(encoder.inputs, feature_map, name=f"{encoder.name}_map")
 
 
 # ---------------------------------------------------------------- a user's pretrained BERT
@@ -224,7 +215,7 @@ class ICMLM(keras.Model):
         for layer in self.encoder.layers:
             if isinstance(layer, layers.BatchNormalization):
                 layer.momentum = self.batchnorm_momentum
-        self.feature_map = spatial_encoder(self.encoder)
+        self.feature_map = spatial_encoder(self.encoder, "ICMLM")
         _, h, w, _ = self.feature_map.output_shape
         self.num_cells = h * w
 
@@ -266,7 +257,8 @@ class ICMLM(keras.Model):
         elif variant == "att":
             self.attention = layers.MultiHeadAttention(self.num_heads, self.width // self.num_heads,
                                                        name="masked_token_attention")
-            self.image_head = keras.Sequential([layers.Dense(self.width, activation="gelu", name="fuse"),
+            # The MLP on [text; attended image] is as wide as the transformers' feed-forward layers.
+            self.image_head = keras.Sequential([layers.Dense(self.intermediate_dim, activation="gelu", name="fuse"),
                                                 layers.Dense(vocab_size, name="logits")], name="image_head")
         if variant != "text_only":
             self.tag_head = layers.Dense(len(self.concepts), name="tag_head")

@@ -15,12 +15,13 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from vislearn.backbones import build_backbone
+from vislearn.backbones import build_backbone, spatial_encoder
 from vislearn.data.views import check_crop_scale, random_resized_crops
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 
 ROTATIONS = 4
+HEAD_INPUTS = ("pooled", "feature_map")
 
 
 def rotate_batch(images):
@@ -58,7 +59,7 @@ class RotNet(keras.Model):
     """
 
     def __init__(self, image_shape=(32, 32, 3), backbone="small_cnn", head_units=(128,), crop_scale=None,
-                 **kwargs):
+                 head_input="pooled", **kwargs):
         super().__init__(**kwargs)
         if image_shape[0] != image_shape[1]:
             raise ValueError(f"model.image_shape: rotation needs square images, received {list(image_shape)}")
@@ -67,18 +68,25 @@ class RotNet(keras.Model):
         self.head_units = tuple(head_units)
         self.crop_scale = None if crop_scale is None else check_crop_scale(crop_scale, "model.crop_scale")
 
+        if head_input not in HEAD_INPUTS:
+            raise ValueError(f"model.head_input: expected one of {list(HEAD_INPUTS)}, received {head_input!r}")
+        self.head_input = head_input
         self.encoder = build_backbone(backbone, self.image_shape)
+        self.feature_map = (spatial_encoder(self.encoder, "model.head_input: feature_map")
+                            if head_input == "feature_map" else None)
         self.head = keras.Sequential(
-            [layers.Dense(u, activation="relu", name=f"head_fc{i}") for i, u in enumerate(self.head_units)]
+            ([layers.Flatten(name="head_flatten")] if head_input == "feature_map" else [])
+            + [layers.Dense(u, activation="relu", name=f"head_fc{i}") for i, u in enumerate(self.head_units)]
             + [layers.Dense(ROTATIONS, name="head_rotation")], name="rotation_head")
-        self.head.build(self.encoder.output_shape)
+        self.head.build((self.encoder if self.feature_map is None else self.feature_map).output_shape)
 
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="rotation_accuracy")
 
     def call(self, images, training=False):
-        return self.head(self.encoder(images, training=training), training=training)
+        features = self.encoder if self.feature_map is None else self.feature_map
+        return self.head(features(images, training=training), training=training)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         build_optimizer_state(self)  # every layer is built in __init__
@@ -113,6 +121,6 @@ class RotNet(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(image_shape=list(self.image_shape), backbone=self.backbone_spec,
-                      head_units=list(self.head_units),
+                      head_units=list(self.head_units), head_input=self.head_input,
                       crop_scale=None if self.crop_scale is None else list(self.crop_scale))
         return config
