@@ -7,6 +7,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items):
     """Groups for `pytest -n 2 --dist loadgroup` (what `make test` runs): a file's tests stay on one worker,
     so its module fixtures are made once, and every test reading `mirrored_runs` shares one worker, so the
@@ -44,3 +45,4 @@ def mirrored_runs(tmp_path_factory, data_home, request):
     from helpers import run_mirrored_fits
 
     return run_mirrored_fits(tmp_path_factory.mktemp("mirrored"), request.getfixturevalue)
+
