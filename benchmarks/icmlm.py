@@ -22,6 +22,7 @@ variants); linear_top1 of the ICMLM encoder >= random-init + 10 points.
                                [--rows text_only tfm att] [--set KEY=VALUE ...] [--out benchmarks/out/icmlm]
                                [--ssl-rows autoencoder rotnet exemplar simclr moco_v2] [--ssl-epochs N]
     python benchmarks/icmlm.py --table benchmarks/out/icmlm/results.json   # reprint a finished run's table
+    python benchmarks/icmlm.py --table OUT1/results.json OUT2/results.json  # rows of separate runs, one table
     python benchmarks/icmlm.py --per-concept benchmarks/out/icmlm/tfm      # accuracy per concept word
 """
 
@@ -93,7 +94,9 @@ def main():
                         "digits recipe with the ICMLM encoder), probed by the same protocol")
     parser.add_argument("--ssl-epochs", type=int, default=None, help="default: each method's recipe")
     parser.add_argument("--out", default="benchmarks/out/icmlm")
-    parser.add_argument("--table", metavar="RESULTS_JSON", help="only print the table of an earlier run's results.json")
+    parser.add_argument("--table", metavar="RESULTS_JSON", nargs="+",
+                        help="only print the table of earlier runs' results.json (several: rows run in separate "
+                             "invocations with the same seed and data, merged)")
     parser.add_argument("--per-concept", metavar="RUN_DIR", help="only print a finished run's masked accuracy per "
                         "concept word (test split), image-conditioned and the language model's own head")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -103,8 +106,8 @@ def main():
         print_per_concept(args.per_concept)
         return
     if args.table:
-        results = json.loads(Path(args.table).read_text())
-        print_table(results, [row for row in (*ROWS, *SSL_RECIPES) if row in results], args.table)
+        results = merged_results(args.table)
+        print_table(results, [row for row in (*ROWS, *SSL_RECIPES) if row in results], " + ".join(args.table))
         return
 
     import keras
@@ -151,6 +154,19 @@ def main():
                 f"{args.epochs or recipe['train']['epochs']} epochs")
     print(f"\nprobe images (val+test, one shape word): {results['random_init']['probe_images']}; "
           f"total {(time.perf_counter() - started) / 60:.1f} min")
+
+
+def merged_results(paths):
+    """The rows of several results.json files; their random-init rows must agree (same seed and data)."""
+    results = {}
+    for path in paths:
+        rows = json.loads(Path(path).read_text())
+        probe = {key: rows["random_init"][key] for key in ("linear_top1", "knn_top1", "linear_top1_colour")}
+        if "random_init" in results and probe != {key: results["random_init"][key] for key in probe}:
+            raise SystemExit(f"error: {path}: its random_init probe {probe} differs from the first file's; the runs "
+                             "did not share the seed and data, so their rows do not belong in one table")
+        results.update(rows)
+    return results
 
 
 def print_per_concept(run_dir):
