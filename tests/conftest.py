@@ -45,4 +45,3 @@ def mirrored_runs(tmp_path_factory, data_home, request):
     from helpers import run_mirrored_fits
 
     return run_mirrored_fits(tmp_path_factory.mktemp("mirrored"), request.getfixturevalue)
-

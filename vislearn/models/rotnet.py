@@ -47,6 +47,10 @@ class RotNet(keras.Model):
             solved from memorised images (rotation accuracy 0.999) and the
             features drift away from the classes (kNN 0.90 -> 0.79 over 30
             epochs); with [0.5, 1] they do not (0.95).
+        head_input: "pooled" (the encoder's output) or "feature_map" (the
+            flattened map before the encoder's pooling, as the paper reads
+            its head from a conv block). On digits feature_map probed no
+            better than random init (seed 0), so the recipe keeps pooled.
 
     Call arguments:
         images: float tensor (batch, height, width, channels) in [0, 1].
