@@ -160,8 +160,12 @@ def merged_results(paths):
     """The rows of several results.json files; their random-init rows must agree (same seed and data)."""
     results = {}
     for path in paths:
-        rows = json.loads(Path(path).read_text())
-        probe = {key: rows["random_init"][key] for key in ("linear_top1", "knn_top1", "linear_top1_colour")}
+        try:
+            rows = json.loads(Path(path).read_text())
+            probe = {key: rows["random_init"][key] for key in ("linear_top1", "knn_top1", "linear_top1_colour")}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"error: {path}: expected the results.json of a finished benchmarks/icmlm.py run "
+                             f"({type(error).__name__}: {error})") from None
         if "random_init" in results and probe != {key: results["random_init"][key] for key in probe}:
             raise SystemExit(f"error: {path}: its random_init probe {probe} differs from the first file's; the runs "
                              "did not share the seed and data, so their rows do not belong in one table")
