@@ -103,6 +103,21 @@ def test_variant_output_and_attention_shapes(variant):
     assert not np.allclose(outputs["image_logits"], model.masked_batch(other, seed=(0, 0))[0]["image_logits"])
 
 
+@pytest.mark.parametrize("variant", ["tfm", "att"])
+def test_variant_trains_from_model_fit_in_a_script(variant):
+    keras.utils.set_random_seed(0)
+    model = ICMLM(variant=variant, **TINY_MODEL)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    encoder_before = [v.numpy().copy() for v in model.encoder.trainable_variables]
+    dataset = tf.data.Dataset.from_tensors(batch()).repeat()
+    history = model.fit(dataset, steps_per_epoch=2, epochs=1, verbose=0).history
+    assert {"loss", "tag_loss", "masked_accuracy", "masked_accuracy_text_only"} <= set(history)
+    assert all(np.isfinite(history[key][-1]) for key in ("loss", "tag_loss"))
+    # The visual encoder learns from the masked-word and tag losses.
+    assert any(not np.allclose(before, after.numpy())
+               for before, after in zip(encoder_before, model.encoder.trainable_variables))
+
+
 def test_text_only_ablation_ignores_the_image_and_trains_only_the_language_model():
     keras.utils.set_random_seed(0)
     model = ICMLM(variant="text_only", **TINY_MODEL)
