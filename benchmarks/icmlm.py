@@ -158,7 +158,7 @@ def main():
 
 def merged_results(paths):
     """The rows of several results.json files; their random-init rows must agree (same seed and data)."""
-    results = {}
+    results, first_probe = {}, None
     for path in paths:
         try:
             rows = json.loads(Path(path).read_text())
@@ -166,7 +166,8 @@ def merged_results(paths):
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise SystemExit(f"error: {path}: expected the results.json of a finished benchmarks/icmlm.py run "
                              f"({type(error).__name__}: {error})") from None
-        if "random_init" in results and probe != {key: results["random_init"][key] for key in probe}:
+        first_probe = first_probe or probe
+        if probe != first_probe:
             raise SystemExit(f"error: {path}: its random_init probe {probe} differs from the first file's; the runs "
                              "did not share the seed and data, so their rows do not belong in one table")
         results.update(rows)
