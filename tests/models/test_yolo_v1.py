@@ -64,6 +64,19 @@ def test_any_vislearn_backbone_is_cut_before_its_pooling():
     assert model(np.zeros((2, 64, 64, 3), "float32")).shape == (2, 4, 4, 1 * 5 + 3)
 
 
+def test_csp_darknet_backbone_gives_the_grid_of_its_output_stride():
+    from vislearn.backbones import build_backbone
+
+    for stride, grid in ((8, 8), (16, 4), (32, 2)):
+        model = YoloV1(num_classes=3, image_shape=(64, 64, 3), grid_size=grid, num_boxes=1, head="conv",
+                       fc_units=16, backbone={"name": "csp_darknet", "width_multiplier": 0.0625,
+                                              "output_stride": stride})
+        assert model.features.output_shape[1:3] == (grid, grid)
+        assert model(np.zeros((1, 64, 64, 3), "float32")).shape == (1, grid, grid, 1 * 5 + 3)
+    with pytest.raises(ValueError, match="backbone.output_stride: expected 8, 16 or 32, received 64"):
+        build_backbone({"name": "csp_darknet", "output_stride": 64}, (64, 64, 3))
+
+
 def test_batched_encoder_matches_the_per_image_encoder():
     rng = np.random.default_rng(0)
     for _ in range(5):

@@ -108,10 +108,31 @@ def resnet_small(input_shape=(32, 32, 3), width=16, blocks_per_stage=(1, 1, 1), 
     return keras.Model(inputs, outputs, name=name)
 
 
+def csp_darknet(input_shape=(160, 160, 3), width_multiplier=0.125, depth_multiplier=0.33, output_stride=32,
+                name="csp_darknet"):
+    """The anchor-free YOLO's CSP-darknet backbone and PAN neck, read at one of
+    its outputs (`output_stride` 8, 16 or 32, after the bottom-up path), then
+    global average pooling.
+
+    A detector that needs the grid (YOLOv1) cuts the pooling off, so it gets
+    a map that has already mixed the scales.
+    """
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"backbone.output_stride: expected 8, 16 or 32, received {output_stride!r}")
+    # Imported here: the model module imports this one for BN_MOMENTUM.
+    from vislearn.models.yolo_anchor_free import csp_darknet_pan
+
+    features = csp_darknet_pan(tuple(input_shape), width_multiplier, depth_multiplier, name=f"{name}_pan")
+    level = {8: 0, 16: 1, 32: 2}[output_stride]
+    outputs = layers.GlobalAveragePooling2D(name="features")(features.outputs[level])
+    return keras.Model(features.inputs, outputs, name=name)
+
+
 BACKBONES = {
     "dann_mnist": dann_mnist,
     "small_cnn": small_cnn,
     "resnet_small": resnet_small,
+    "csp_darknet": csp_darknet,
 }
 
 
