@@ -111,8 +111,7 @@ def resnet_small(input_shape=(32, 32, 3), width=16, blocks_per_stage=(1, 1, 1), 
 def csp_darknet(input_shape=(160, 160, 3), width_multiplier=0.125, depth_multiplier=0.33, output_stride=32,
                 name="csp_darknet"):
     """The anchor-free YOLO's CSP-darknet backbone and PAN neck, read at one of
-    its outputs (`output_stride` 8, 16 or 32, after the bottom-up path), then
-    global average pooling.
+    its three outputs (`output_stride` 8, 16 or 32), then global average pooling.
 
     A detector that needs the grid (YOLOv1) cuts the pooling off, so it gets
     a map that has already mixed the scales.
