@@ -20,7 +20,7 @@ def exported(data_home, tmp_path_factory):
     the untrained network still returns boxes to compare."""
     root = tmp_path_factory.mktemp("yolo_export")
     env = {"VISLEARN_DATA": str(data_home)}
-    overrides = ["model.width_multiplier=0.0625", "model.fc_units=32", "model.grid_size=4", "model.head=fc",
+    overrides = ["model.fc_units=32", "model.grid_size=4", "model.head=fc",
                  "data.image_size=[64,64]", "data.batch_size=8", "data.n_train=16", "data.n_test=8",
                  "data.source_size=96", "train.epochs=1", "train.steps_per_epoch=2",
                  "export.score_threshold=0.0", "export.max_detections=10"]
