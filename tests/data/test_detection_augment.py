@@ -123,6 +123,18 @@ def test_exposure_saturation_in_hsv():
     assert hsv[..., 1].max() <= 1.0 and hsv[..., 2].max() <= 1.0
 
 
+@pytest.mark.parametrize("exposure,saturation", [(1.5, 1.5), (0.67, 0.67), (1.5, 0.67), (0.67, 1.5), (1.0, 3.0)])
+def test_exposure_saturation_equals_the_hsv_round_trip(exposure, saturation):
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.0, 1.0, (16, 16, 3)).astype("float32")
+    image[0, :4] = [[0, 0, 0], [0.5, 0.5, 0.5], [1, 1, 1], [1, 0, 0]]  # black, grey, white, pure red
+    hue, sat, value = tf.unstack(tf.image.rgb_to_hsv(image), 3, axis=-1)
+    expected = tf.image.hsv_to_rgb(tf.stack([hue, tf.clip_by_value(sat * saturation, 0.0, 1.0),
+                                             tf.clip_by_value(value * exposure, 0.0, 1.0)], axis=-1))
+    out = aug.adjust_exposure_saturation({"image": tf.constant(image)}, exposure, saturation)["image"]
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=2e-5)
+
+
 def test_yolo_v1_augment_keeps_boxes_on_objects_in_tf_data():
     keras.utils.set_random_seed(3)
     element = _element()
