@@ -132,10 +132,11 @@ def adjust_exposure_saturation(element, exposure, saturation):
     """Multiply HSV value by `exposure` and saturation by `saturation`, clipped to [0, 1].
 
     Boxes are unchanged. Computed in RGB, without the HSV round trip (a
-    cheaper input pipeline on a CPU): with V the
-    largest channel and S = 1 - min / V, every channel is c = V (1 - S k)
-    with k fixed by the hue, so scaling S by a factor r and V to V' gives
-    c' = V' (1 - r (1 - c / V)); r = min(saturation, 1 / S) is the clipping.
+    cheaper input pipeline on a CPU): with V the largest channel and
+    S = 1 - min / V, every channel is c = V (1 - S k) with k fixed by the
+    hue, so scaling S by a factor r and V to V' gives c' = V' (1 - r (1 - c / V));
+    r = min(saturation, 1 / S) is the clipping. (The tf.where below evaluates
+    both branches, hence the guarded divisions.)
     """
     image = element["image"]
     value = tf.reduce_max(image, axis=-1, keepdims=True)
