@@ -47,6 +47,18 @@ def test_training_batches_are_padded_dicts_and_augmented(made):
     assert validation["image"].shape == (4, 48, 48, 3) and validation["boxes"].shape == (4, 7, 4)
 
 
+def test_augmented_stream_repeats_for_a_seed(made):
+    """Stateless draws keyed by the element's position: the same seed gives the
+    same jittered batches whatever tf.data's parallel maps do; another seed differs."""
+    def first_batches(seed):
+        data = detection_folder(made["coco"], "coco", image_size=(48, 48), batch_size=4, seed=seed)
+        return [batch["image"].numpy() for batch in data.train.take(4)]
+
+    first, again, other = first_batches(1), first_batches(1), first_batches(2)
+    assert all((a == b).all() for a, b in zip(first, again))
+    assert not all((a == b).all() for a, b in zip(first, other))
+
+
 def test_shapes_on_photos_is_made_on_first_use(data_home):
     data = shapes_on_photos(format="yolo", image_size=(48, 48), batch_size=4, n_train=8, n_test=4, source_size=64)
     assert (data_home / "shapes_on_photos-yolo-0-8-4-64" / "dataset.json").exists()

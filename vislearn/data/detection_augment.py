@@ -9,8 +9,11 @@ flag, as darknet does after its crop-and-jitter.
 
 The deterministic transforms (`scale_translate`, `flip_horizontal`,
 `adjust_exposure_saturation`) take explicit parameters and are what the tests
-pin down; `random_*` draw those parameters; `yolo_v1_augment` chains them. The random draws follow TensorFlow's
-global seed (`keras.utils.set_random_seed`).
+pin down; `random_*` draw those parameters; `yolo_v1_augment` chains them.
+The draws are stateless: given a `seed` (int [2]) they are the same in every
+run however `tf.data` schedules its parallel maps (stateful random ops there
+made every YOLO run differ); without one, a seed is drawn from TensorFlow's
+global generator.
 
 keras-cv 0.9's `RandomFlip`/`Resizing` handle boxes on *batched* tensors, but
 under Keras 3.15 they reject numpy inputs, and keras-cv has no HSV exposure
@@ -26,6 +29,8 @@ Reference:
 """
 
 import tensorflow as tf
+
+from vislearn.data.views import draw_seed, split_seed
 
 GREY = 0.5  # fill for pixels with no source (letterbox bars, translated-in borders)
 
@@ -149,43 +154,50 @@ def adjust_exposure_saturation(element, exposure, saturation):
     return out
 
 
-def _factor(max_factor):
+def _factor(max_factor, seed):
     """darknet's rand_scale: a factor in [1, max] inverted half the time, so
     brightening and darkening by the same ratio are equally likely."""
-    factor = tf.random.uniform([], 1.0, max_factor)
-    return tf.where(tf.random.uniform([]) < 0.5, factor, 1.0 / factor)
+    draws = tf.random.stateless_uniform([2], seed)
+    factor = 1.0 + draws[0] * (max_factor - 1.0)
+    return tf.where(draws[1] < 0.5, factor, 1.0 / factor)
 
 
-def random_scale_translate(element, max_scale=0.2, max_shift=0.2, fill=GREY):
+def random_scale_translate(element, max_scale=0.2, max_shift=0.2, fill=GREY, seed=None):
     """Random zoom in [1 - max_scale, 1 + max_scale] and shifts up to `max_shift` of the size."""
-    scale = tf.random.uniform([], 1.0 - max_scale, 1.0 + max_scale)
-    shift = tf.random.uniform([2], -max_shift, max_shift)
-    return scale_translate(element, scale, shift[0], shift[1], fill=fill)
+    draws = tf.random.stateless_uniform([3], draw_seed() if seed is None else seed, -1.0, 1.0)
+    return scale_translate(element, 1.0 + max_scale * draws[0], max_shift * draws[1], max_shift * draws[2],
+                           fill=fill)
 
 
-def random_flip(element):
+def random_flip(element, seed=None):
     """Mirror left-right with probability 0.5."""
-    return tf.cond(tf.random.uniform([]) < 0.5,
+    return tf.cond(tf.random.stateless_uniform([], draw_seed() if seed is None else seed) < 0.5,
                    lambda: flip_horizontal(element), lambda: dict(element))
 
 
-def random_exposure_saturation(element, max_factor=1.5):
+def random_exposure_saturation(element, max_factor=1.5, seed=None):
     """Exposure and saturation each scaled by up to `max_factor` (or its inverse)."""
-    return adjust_exposure_saturation(element, _factor(max_factor), _factor(max_factor))
+    exposure_seed, saturation_seed = split_seed(draw_seed() if seed is None else seed, 2)
+    return adjust_exposure_saturation(element, _factor(max_factor, exposure_seed),
+                                      _factor(max_factor, saturation_seed))
 
 
 def yolo_v1_augment(element, size=(448, 448), max_scale=0.2, max_shift=0.2, max_exposure=1.5,
-                    max_saturation=1.5, flip=True):
+                    max_saturation=1.5, flip=True, seed=None):
     """The YOLOv1 training pipeline for one element: resize to `size`, random
     scale/translate, horizontal flip, exposure and saturation jitter in HSV.
+
+    Args:
+        seed: int [2] for the stateless random draws (the same seed, the same
+            jitter); None draws one from the global generator.
 
     Returns:
         The augmented element; `image` is `size` + (3,).
     """
+    scale_seed, flip_seed, exposure_seed, saturation_seed = split_seed(draw_seed() if seed is None else seed, 4)
     element = resize(element, size)
-    element = random_scale_translate(element, max_scale, max_shift)
+    element = random_scale_translate(element, max_scale, max_shift, seed=scale_seed)
     if flip:
-        element = random_flip(element)
-    exposure = _factor(max_exposure)
-    saturation = _factor(max_saturation)
-    return adjust_exposure_saturation(element, exposure, saturation)
+        element = random_flip(element, seed=flip_seed)
+    return adjust_exposure_saturation(element, _factor(max_exposure, exposure_seed),
+                                      _factor(max_saturation, saturation_seed))

@@ -21,6 +21,7 @@ import tensorflow as tf
 from vislearn.config import ConfigError
 from vislearn.data import detection_augment as augment_ops
 from vislearn.data.detection import pad_batch
+from vislearn.data.views import split_seed
 
 FILE_FORMATS = ("coco", "voc", "yolo")
 
@@ -79,11 +80,13 @@ def _to_float(element):
     return {**element, "image": tf.image.convert_image_dtype(element["image"], tf.float32)}
 
 
-def _augment(element):
-    """YOLOv1's jitter: scale/translate up to 20%, flip, exposure/saturation up to 1.5."""
-    element = augment_ops.random_scale_translate(element, 0.2, 0.2)
-    element = augment_ops.random_flip(element)
-    return augment_ops.random_exposure_saturation(element, 1.5)
+def _augment(index, element, seed):
+    """YOLOv1's jitter: scale/translate up to 20%, flip, exposure/saturation up to
+    1.5, drawn from the stream's seed and the element's position in the stream."""
+    scale_seed, flip_seed, colour_seed = split_seed(tf.stack([tf.cast(seed, tf.int64), index]), 3)
+    element = augment_ops.random_scale_translate(element, 0.2, 0.2, seed=scale_seed)
+    element = augment_ops.random_flip(element, seed=flip_seed)
+    return augment_ops.random_exposure_saturation(element, 1.5, seed=colour_seed)
 
 
 def detection_pipelines(train_set, test_set, image_size=(448, 448), batch_size=64, augment=True,
@@ -104,7 +107,8 @@ def detection_pipelines(train_set, test_set, image_size=(448, 448), batch_size=6
     train = train.shuffle(min(train_set.count, 4096), seed=seed).repeat().map(
         _to_float, num_parallel_calls=tf.data.AUTOTUNE)
     if augment:
-        train = train.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+        train = train.enumerate().map(lambda index, element: _augment(index, element, seed),
+                                      num_parallel_calls=tf.data.AUTOTUNE)
     train = pad_batch(train, batch_size, max_boxes, drop_remainder=True)
     test = test.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
     return DetectionData(

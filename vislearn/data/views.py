@@ -27,7 +27,7 @@ import tensorflow as tf
 from vislearn.config import ConfigError
 
 
-def _seeds(seed, count):
+def split_seed(seed, count):
     """`count` independent stateless seeds from one."""
     return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), count))
 
@@ -131,7 +131,7 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
     crop_scale = check_crop_scale(crop_scale)
     images = tf.convert_to_tensor(images, tf.float32)
     seed = draw_seed() if seed is None else seed
-    seeds = _seeds(seed, 12)
+    seeds = split_seed(seed, 12)
     batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
 
     boxes = _crop_boxes(batch, crop_scale, ratio, flip, seeds[:4])
@@ -155,7 +155,7 @@ def map_views(dataset, seed=0, views=2, **options):
     reproducibly: batch i uses seeds derived from (seed, i)."""
     def augment(index, images):
         base = tf.stack([tf.cast(seed, tf.int64), index])
-        return tuple(simclr_augment(images, seed=s, **options) for s in _seeds(base, views))
+        return tuple(simclr_augment(images, seed=s, **options) for s in split_seed(base, views))
 
     return dataset.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -48,7 +48,7 @@ import tensorflow as tf
 
 from vislearn.backbones import build_backbone
 from vislearn.config import ConfigError
-from vislearn.data.views import _seeds, draw_seed, simclr_augment
+from vislearn.data.views import draw_seed, simclr_augment, split_seed
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 from vislearn.losses.contrastive import (EXCLUDED, InfoNCE, check_temperature, gather_across_replicas,
@@ -93,7 +93,7 @@ def mochi_negatives(queries, queue, hardest, mix, query_mix, seed=None):
     _, nearest = tf.math.top_k(tf.matmul(queries, queue, transpose_b=True), k=hardest)
     hard = tf.gather(queue, nearest)                                             # (n, N, dim)
     n = tf.shape(queries)[0]
-    seeds = _seeds(draw_seed() if seed is None else seed, 4)
+    seeds = split_seed(draw_seed() if seed is None else seed, 4)
     pairs = tf.random.stateless_uniform([n, mix, 2], seeds[0], 0, hardest, dtype=tf.int32)
     alpha = tf.random.stateless_uniform([n, mix, 1], seeds[1])
     mixed = (alpha * tf.gather(hard, pairs[..., 0], batch_dims=1)
