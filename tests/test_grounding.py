@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers import run_cli
+from helpers import run_cli, tiny_yolo_v1_overrides
 from vislearn.cli import main
 from vislearn.config import ConfigError
 from vislearn.data.captioned_shapes import COLOURS, make_captioned_shapes
@@ -212,10 +212,7 @@ def test_ground_command_with_detector_candidates(grounding_run, tmp_path):
     """--detector: a real (seconds-long) yolo_v1 run's detections are the candidates."""
     from vislearn import recipes
 
-    tiny_yolo = ["model.fc_units=32", "model.grid_size=4", "model.head=fc",
-                 "data.image_size=[64,64]", "data.batch_size=8", "data.n_train=16", "data.n_test=8",
-                 "data.source_size=96", "train.epochs=1", "train.steps_per_epoch=2"]
-    recipe, source = recipes.load_recipe("yolo_shapes", tiny_yolo)
+    recipe, source = recipes.load_recipe("yolo_shapes", tiny_yolo_v1_overrides())
     recipes.fit(recipe, source, tmp_path / "detector", verbose=0)
     _, detector, data = recipes.load_trained(tmp_path / "detector")
     shapes = grounding_run["shapes"]

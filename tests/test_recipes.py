@@ -26,6 +26,7 @@ def test_bundled_recipes_validate():
     (lambda r: r["model"].update(gamma="fast"), r"model\.gamma: expected a number .* received 'fast'"),
     (lambda r: r["data"].update(batch_size=6.5), r"data\.batch_size: expected an integer"),
     (lambda r: r["train"].pop("seed"), r"train\.seed: missing value"),
+    (lambda r: r["train"].update(jit_compile="yes"), r"train\.jit_compile: expected true, false or null"),
     (lambda r: r.pop("data"), r"data: missing section"),
     (lambda r: r.update(trian={}), r"trian: unknown section \(did you mean 'train'\?\)"),
     (lambda r: r["model"].update(name="danm"), r"model\.name: unknown value 'danm' \(did you mean 'dann'\?\)"),

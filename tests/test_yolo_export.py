@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from helpers import load_in_fresh_process, run_cli
+from helpers import as_set_args, load_in_fresh_process, run_cli, tiny_yolo_v1_overrides
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +20,8 @@ def exported(data_home, tmp_path_factory):
     the untrained network still returns boxes to compare."""
     root = tmp_path_factory.mktemp("yolo_export")
     env = {"VISLEARN_DATA": str(data_home)}
-    overrides = ["model.fc_units=32", "model.grid_size=4", "model.head=fc",
-                 "data.image_size=[64,64]", "data.batch_size=8", "data.n_train=16", "data.n_test=8",
-                 "data.source_size=96", "train.epochs=1", "train.steps_per_epoch=2",
-                 "export.score_threshold=0.0", "export.max_detections=10"]
-    result = run_cli("fit", "yolo_shapes", "--run-dir", root / "run",
-                     *[a for o in overrides for a in ("--set", o)], env=env)
+    overrides = tiny_yolo_v1_overrides() + ["export.score_threshold=0.0", "export.max_detections=10"]
+    result = run_cli("fit", "yolo_shapes", "--run-dir", root / "run", *as_set_args(overrides), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_cli("export", root / "run", "--out", root / "models", "--version", "1", env=env)
     assert result.returncode == 0, result.stderr[-3000:]

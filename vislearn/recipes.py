@@ -35,8 +35,12 @@ RESUMABLE_DIFFERENCES = ("description", "distribute", "export")
 FEATURE_KEYS = ("features", "train_features", "test_features")
 
 
-def train_section(epochs, seed, steps_per_epoch=None, validation_steps=None, monitor=None, verbose=None):
-    """`train:` keys. `monitor` picks the best checkpoint (default: the method's)."""
+def train_section(epochs, seed, steps_per_epoch=None, validation_steps=None, monitor=None, verbose=None,
+                  jit_compile=None):
+    """`train:` keys. `monitor` picks the best checkpoint (default: the method's).
+
+    `jit_compile: true` compiles the train and test steps with XLA; null is
+    Keras' "auto", which leaves XLA off on a machine without an accelerator."""
 
 
 def distribute_section(strategy="auto"):
@@ -492,6 +496,9 @@ def validate(recipe, source):
             raise ConfigError(f"{source}: train.{key}: expected an integer, received {train.get(key)!r}")
     if train["epochs"] < 1:
         raise ConfigError(f"{source}: train.epochs: expected at least 1, received {train['epochs']}")
+    if train.get("jit_compile") not in (None, True, False):
+        raise ConfigError(f"{source}: train.jit_compile: expected true, false or null (Keras' auto), "
+                          f"received {train['jit_compile']!r}")
 
     distribute = recipe.get("distribute") or {}
     check_arguments(distribute_section, distribute, f"{source}: distribute")
@@ -660,7 +667,10 @@ def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None):
     total_steps = train["epochs"] * steps
     with strategy.scope():
         model = build_model(recipe, model_section)
-        model.compile(optimizer=build_optimizer(recipe.get("optimizer") or {"name": "adam"}, total_steps))
+        model.compile(optimizer=build_optimizer(recipe.get("optimizer") or {"name": "adam"}, total_steps),
+                      jit_compile="auto" if train.get("jit_compile") is None else train["jit_compile"])
+    if model.jit_compile:
+        log.info("train and test steps compiled with XLA (train.jit_compile)")
 
     checkpoints = write_dir / "checkpoints"
     checkpoints.mkdir(exist_ok=True)

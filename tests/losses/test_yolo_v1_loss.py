@@ -19,8 +19,8 @@ def _iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def reference_loss(y_true, y_pred, lambda_coord=5.0, lambda_noobj=0.5, confidence_target="iou"):
-    """Equation (3) of the paper written as loops, per image."""
+def reference_loss(y_true, y_pred, lambda_coord=5.0, lambda_noobj=0.5, confidence_target="iou", lambda_class=1.0):
+    """Equation (3) of the paper written as loops, per image (`lambda_class` 1 in the paper)."""
     losses = []
     for truth_image, pred_image in zip(y_true, y_pred):
         total = 0.0
@@ -46,7 +46,7 @@ def reference_loss(y_true, y_pred, lambda_coord=5.0, lambda_noobj=0.5, confidenc
                 total += lambda_coord * ((box[2] - np.sqrt(truth[2])) ** 2 + (box[3] - np.sqrt(truth[3])) ** 2)
                 target = ious[r] if confidence_target == "iou" else 1.0
                 total += (box[4] - target) ** 2
-                total += sum((pred[B * 5 + c] - truth[5 + c]) ** 2 for c in range(C))
+                total += lambda_class * sum((pred[B * 5 + c] - truth[5 + c]) ** 2 for c in range(C))
         losses.append(total)
     return np.array(losses)
 
@@ -85,19 +85,20 @@ def test_encoder_in_tf_data():
     assert image.shape == (1, 8, 8, 3) and target.shape == (1, S, S, 5 + C)
 
 
-@pytest.mark.parametrize("confidence_target", ["iou", "one"])
-def test_loss_matches_numpy_reference(confidence_target):
+@pytest.mark.parametrize("confidence_target, lambda_class", [("iou", 1.0), ("one", 1.0), ("one", 2.5)])
+def test_loss_matches_numpy_reference(confidence_target, lambda_class):
     rng = np.random.default_rng(0)
     y_true = _targets()
     y_pred = rng.uniform(0, 1, size=(2, S, S, B * 5 + C)).astype(np.float32)
     # Cell (0,1) of image 0 has no object; cell (0,1) of image 1 gets two
     # predictors far from its object (no overlap), so the RMSE rule decides.
     y_pred[1, 0, 1, :10] = [0.0, 0.0, 0.1, 0.1, 0.3, 0.9, 0.9, 0.1, 0.1, 0.6]
-    loss = YoloV1Loss(S, B, C, confidence_target=confidence_target, reduction=None)
+    loss = YoloV1Loss(S, B, C, confidence_target=confidence_target, lambda_class=lambda_class, reduction=None)
     ours = loss(y_true, y_pred).numpy()
-    np.testing.assert_allclose(ours, reference_loss(y_true, y_pred, confidence_target=confidence_target),
-                               rtol=1e-5)
-    reduced = YoloV1Loss(S, B, C, confidence_target=confidence_target)(y_true, y_pred.reshape(2, -1))
+    np.testing.assert_allclose(ours, reference_loss(y_true, y_pred, confidence_target=confidence_target,
+                                                    lambda_class=lambda_class), rtol=1e-5)
+    reduced = YoloV1Loss(S, B, C, confidence_target=confidence_target, lambda_class=lambda_class)(
+        y_true, y_pred.reshape(2, -1))
     assert float(reduced) == pytest.approx(ours.mean(), rel=1e-5)
 
 
@@ -121,13 +122,14 @@ def test_hand_computed_single_object():
 def test_gradients_finite_and_config_round_trip():
     y_true = tf.constant(_targets())
     y_pred = tf.Variable(tf.random.uniform((2, S, S, B * 5 + C)))
-    loss = YoloV1Loss(S, B, C, lambda_coord=4.0)
+    loss = YoloV1Loss(S, B, C, lambda_coord=4.0, lambda_class=2.0)
     with tf.GradientTape() as tape:
         value = loss(y_true, y_pred)
     gradient = tape.gradient(value, y_pred)
     assert np.all(np.isfinite(gradient.numpy())) and float(tf.reduce_sum(tf.abs(gradient))) > 0
     clone = keras.losses.deserialize(keras.losses.serialize(loss))
     assert isinstance(clone, YoloV1Loss) and clone.lambda_coord == 4.0 and clone.grid_size == S
+    assert clone.lambda_class == 2.0
     assert float(clone(y_true, y_pred)) == pytest.approx(float(value))
     with pytest.raises(ValueError, match="confidence_target"):
         YoloV1Loss(confidence_target="half")

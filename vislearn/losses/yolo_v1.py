@@ -98,7 +98,7 @@ class YoloV1Loss(keras.losses.Loss):
         lambda_coord * sum 1obj_ij [(x - x^)^2 + (y - y^)^2]
       + lambda_coord * sum 1obj_ij [(sqrt w - sqrt w^)^2 + (sqrt h - sqrt h^)^2]
       + sum 1obj_ij (C - C^)^2 + lambda_noobj * sum 1noobj_ij C^2
-      + sum_i 1obj_i sum_c (p(c) - p^(c))^2
+      + lambda_class * sum_i 1obj_i sum_c (p(c) - p^(c))^2
 
     The responsible predictor is the one whose box has the highest IoU with
     the object (the smallest RMSE of (x, y, w, h) when none overlaps). Its
@@ -114,6 +114,7 @@ class YoloV1Loss(keras.losses.Loss):
         lambda_coord: weight of the box terms (paper: 5).
         lambda_noobj: weight of the confidence of predictors without an object (paper: 0.5).
         confidence_target: `"iou"` or `"one"`.
+        lambda_class: weight of the class term (paper: 1, no weight).
 
     Call arguments:
         y_true: [batch, S, S, 5 + C] from `encode_yolo_v1_targets`.
@@ -128,7 +129,8 @@ class YoloV1Loss(keras.losses.Loss):
     """
 
     def __init__(self, grid_size=7, num_boxes=2, num_classes=20, lambda_coord=5.0, lambda_noobj=0.5,
-                 confidence_target="iou", name="yolo_v1_loss", reduction="sum_over_batch_size", dtype=None):
+                 confidence_target="iou", lambda_class=1.0, name="yolo_v1_loss", reduction="sum_over_batch_size",
+                 dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if confidence_target not in ("iou", "one"):
             raise ValueError(f"confidence_target: expected 'iou' or 'one', received {confidence_target!r}")
@@ -138,6 +140,7 @@ class YoloV1Loss(keras.losses.Loss):
         self.lambda_coord = lambda_coord
         self.lambda_noobj = lambda_noobj
         self.confidence_target = confidence_target
+        self.lambda_class = lambda_class
 
     def call(self, y_true, y_pred):
         s, b, c = self.grid_size, self.num_boxes, self.num_classes
@@ -172,12 +175,13 @@ class YoloV1Loss(keras.losses.Loss):
         per_cell = (self.lambda_coord * tf.reduce_sum(responsible * coordinates, axis=-1)
                     + tf.reduce_sum(responsible * object_confidence, axis=-1)
                     + self.lambda_noobj * tf.reduce_sum(not_responsible * tf.square(confidence), axis=-1)
-                    + class_error)
+                    + self.lambda_class * class_error)
         return tf.reduce_sum(per_cell, axis=[1, 2])
 
     def get_config(self):
         config = super().get_config()
         config.update({"grid_size": self.grid_size, "num_boxes": self.num_boxes,
                        "num_classes": self.num_classes, "lambda_coord": self.lambda_coord,
-                       "lambda_noobj": self.lambda_noobj, "confidence_target": self.confidence_target})
+                       "lambda_noobj": self.lambda_noobj, "confidence_target": self.confidence_target,
+                       "lambda_class": self.lambda_class})
         return config

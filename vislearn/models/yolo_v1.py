@@ -207,6 +207,7 @@ class YoloV1(keras.Model):
         lambda_coord: weight of the box terms of the loss (paper: 5).
         lambda_noobj: weight of the confidence of boxes without objects (paper: 0.5).
         confidence_target: `"iou"` (the paper) or `"one"`, see `YoloV1Loss`.
+        lambda_class: weight of the class term of the loss (paper: 1).
 
     Call arguments:
         images: float tensor (batch, height, width, 3) in [0, 1].
@@ -240,6 +241,7 @@ class YoloV1(keras.Model):
         lambda_coord=5.0,
         lambda_noobj=0.5,
         confidence_target="iou",
+        lambda_class=1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -264,6 +266,7 @@ class YoloV1(keras.Model):
         self.lambda_coord = float(lambda_coord)
         self.lambda_noobj = float(lambda_noobj)
         self.confidence_target = confidence_target
+        self.lambda_class = float(lambda_class)
 
         if isinstance(backbone, str) and backbone in LAYOUTS:
             self.features = darknet_features(LAYOUTS[backbone], self.image_shape, self.width_multiplier,
@@ -295,7 +298,7 @@ class YoloV1(keras.Model):
         self.head = head
 
         self.loss_fn = YoloV1Loss(self.grid_size, self.num_boxes, self.num_classes, self.lambda_coord,
-                                  self.lambda_noobj, confidence_target)
+                                  self.lambda_noobj, confidence_target, self.lambda_class)
         self.loss_tracker = keras.metrics.Mean(name="loss")
 
     def call(self, images, training=False):
@@ -363,5 +366,6 @@ class YoloV1(keras.Model):
             lambda_coord=self.lambda_coord,
             lambda_noobj=self.lambda_noobj,
             confidence_target=self.confidence_target,
+            lambda_class=self.lambda_class,
         )
         return config
