@@ -164,20 +164,20 @@ def _factor(max_factor, seed):
 
 def random_scale_translate(element, max_scale=0.2, max_shift=0.2, fill=GREY, seed=None):
     """Random zoom in [1 - max_scale, 1 + max_scale] and shifts up to `max_shift` of the size."""
-    draws = tf.random.stateless_uniform([3], draw_seed() if seed is None else seed, -1.0, 1.0)
+    draws = tf.random.stateless_uniform([3], draw_seed(seed), -1.0, 1.0)
     return scale_translate(element, 1.0 + max_scale * draws[0], max_shift * draws[1], max_shift * draws[2],
                            fill=fill)
 
 
 def random_flip(element, seed=None):
     """Mirror left-right with probability 0.5."""
-    return tf.cond(tf.random.stateless_uniform([], draw_seed() if seed is None else seed) < 0.5,
+    return tf.cond(tf.random.stateless_uniform([], draw_seed(seed)) < 0.5,
                    lambda: flip_horizontal(element), lambda: dict(element))
 
 
 def random_exposure_saturation(element, max_factor=1.5, seed=None):
     """Exposure and saturation each scaled by up to `max_factor` (or its inverse)."""
-    exposure_seed, saturation_seed = split_seed(draw_seed() if seed is None else seed, 2)
+    exposure_seed, saturation_seed = split_seed(draw_seed(seed), 2)
     return adjust_exposure_saturation(element, _factor(max_factor, exposure_seed),
                                       _factor(max_factor, saturation_seed))
 
@@ -194,7 +194,7 @@ def yolo_v1_augment(element, size=(448, 448), max_scale=0.2, max_shift=0.2, max_
     Returns:
         The augmented element; `image` is `size` + (3,).
     """
-    scale_seed, flip_seed, exposure_seed, saturation_seed = split_seed(draw_seed() if seed is None else seed, 4)
+    scale_seed, flip_seed, exposure_seed, saturation_seed = split_seed(draw_seed(seed), 4)
     element = resize(element, size)
     element = random_scale_translate(element, max_scale, max_shift, seed=scale_seed)
     if flip:

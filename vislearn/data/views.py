@@ -32,8 +32,11 @@ def split_seed(seed, count):
     return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), count))
 
 
-def draw_seed():
-    """A stateless seed from the global generator, distinct per replica."""
+def draw_seed(seed=None):
+    """`seed` when given, else a stateless seed from the global generator,
+    distinct per replica."""
+    if seed is not None:
+        return seed
     seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
     context = tf.distribute.get_replica_context()
     if context is not None and context.num_replicas_in_sync > 1:
@@ -130,7 +133,7 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
         raise ConfigError(f"strength: expected a colour jitter strength >= 0, received {strength}")
     crop_scale = check_crop_scale(crop_scale)
     images = tf.convert_to_tensor(images, tf.float32)
-    seed = draw_seed() if seed is None else seed
+    seed = draw_seed(seed)
     seeds = split_seed(seed, 12)
     batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
 

@@ -93,7 +93,7 @@ def mochi_negatives(queries, queue, hardest, mix, query_mix, seed=None):
     _, nearest = tf.math.top_k(tf.matmul(queries, queue, transpose_b=True), k=hardest)
     hard = tf.gather(queue, nearest)                                             # (n, N, dim)
     n = tf.shape(queries)[0]
-    seeds = split_seed(draw_seed() if seed is None else seed, 4)
+    seeds = split_seed(draw_seed(seed), 4)
     pairs = tf.random.stateless_uniform([n, mix, 2], seeds[0], 0, hardest, dtype=tf.int32)
     alpha = tf.random.stateless_uniform([n, mix, 1], seeds[1])
     mixed = (alpha * tf.gather(hard, pairs[..., 0], batch_dims=1)
