@@ -13,8 +13,8 @@ from helpers import as_set_args, mirrored_run, register_mirrored_fit, run_cli, t
 from vislearn import recipes
 from vislearn.config import ConfigError
 from vislearn.data import shapes_on_photos
-from vislearn.losses.yolo_v1 import encode_yolo_v1_targets, yolo_v1_training_pair
-from vislearn.models.yolo_v1 import YoloV1, decode_yolo_v1, encode_yolo_v1_batch
+from vislearn.losses.yolo_v1 import encode_yolo_v1_batch, encode_yolo_v1_targets, yolo_v1_training_pair
+from vislearn.models.yolo_v1 import YoloV1, decode_yolo_v1
 
 TINY = dict(width_multiplier=0.0625, batch_norm=True, fc_units=32)
 

@@ -188,16 +188,21 @@ def yolo_v1_augment(element, size=(448, 448), max_scale=0.2, max_shift=0.2, max_
     scale/translate, horizontal flip, exposure and saturation jitter in HSV.
 
     Args:
+        size: [height, width] to resize to first, or None for an element
+            already at its training size (the training pipelines cache images
+            resized).
         seed: int [2] for the stateless random draws (the same seed, the same
             jitter); None draws one from the global generator.
 
     Returns:
         The augmented element; `image` is `size` + (3,).
     """
-    scale_seed, flip_seed, exposure_seed, saturation_seed = split_seed(draw_seed(seed), 4)
-    element = resize(element, size)
+    scale_seed, flip_seed, colour_seed = split_seed(draw_seed(seed), 3)
+    if size is not None:
+        element = resize(element, size)
     element = random_scale_translate(element, max_scale, max_shift, seed=scale_seed)
     if flip:
         element = random_flip(element, seed=flip_seed)
+    exposure_seed, saturation_seed = split_seed(colour_seed, 2)
     return adjust_exposure_saturation(element, _factor(max_exposure, exposure_seed),
                                       _factor(max_saturation, saturation_seed))

@@ -21,7 +21,6 @@ import tensorflow as tf
 from vislearn.config import ConfigError
 from vislearn.data import detection_augment as augment_ops
 from vislearn.data.detection import pad_batch
-from vislearn.data.views import split_seed
 
 FILE_FORMATS = ("coco", "voc", "yolo")
 
@@ -81,12 +80,8 @@ def _to_float(element):
 
 
 def _augment(index, element, seed):
-    """YOLOv1's jitter: scale/translate up to 20%, flip, exposure/saturation up to
-    1.5, drawn from the stream's seed and the element's position in the stream."""
-    scale_seed, flip_seed, colour_seed = split_seed(tf.stack([tf.cast(seed, tf.int64), index]), 3)
-    element = augment_ops.random_scale_translate(element, 0.2, 0.2, seed=scale_seed)
-    element = augment_ops.random_flip(element, seed=flip_seed)
-    return augment_ops.random_exposure_saturation(element, 1.5, seed=colour_seed)
+    """YOLOv1's jitter, drawn from the stream's seed and the element's position in it."""
+    return augment_ops.yolo_v1_augment(element, size=None, seed=tf.stack([tf.cast(seed, tf.int64), index]))
 
 
 def detection_pipelines(train_set, test_set, image_size=(448, 448), batch_size=64, augment=True,

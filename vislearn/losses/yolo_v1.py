@@ -8,7 +8,7 @@ Layouts (per grid cell, row `i` from the top, column `j` from the left):
   `sqrt_w, sqrt_h` are square roots of the width and height as fractions of
   the image (darknet's `sqrt=1`: the network regresses the root, so the loss
   compares roots and small boxes weigh more, as the paper asks).
-- target `y_true` [batch, S, S, 5 + C], from `encode_yolo_v1_targets`:
+- target `y_true` [batch, S, S, 5 + C], from `encode_yolo_v1_batch`:
   `(x, y, w, h, has_object)` then the one-hot class; `w, h` are plain
   fractions of the image.
 
@@ -23,49 +23,70 @@ import keras
 import tensorflow as tf
 
 
-def encode_yolo_v1_targets(boxes, classes, grid_size=7, num_classes=20, difficult=None):
-    """Detection element boxes -> the S x S x (5 + C) YOLOv1 target grid.
+def encode_yolo_v1_batch(boxes, classes, grid_size, num_classes, difficult=None):
+    """Padded batched boxes -> the YOLOv1 target grids, with static shapes.
 
     The cell holding a box's centre is responsible for it. YOLOv1 predicts
     one object per cell, so when several centres share a cell the first
-    listed keeps it (as darknet's loader does).
+    listed keeps it (as darknet's loader does); difficult objects are left
+    out, as darknet's VOC labels leave them out. Takes the padded batches of
+    `vislearn.data.detection.pad_batch` (class -1 marks padding); YoloV1's
+    train step calls it, so the data pipeline does not depend on the grid.
+
+    Args:
+        boxes: float [batch, M, 4] `rel_yxyx`.
+        classes: int [batch, M], -1 for padding.
+        grid_size: S.
+        num_classes: C.
+        difficult: optional bool [batch, M].
+
+    Returns:
+        float32 [batch, S, S, 5 + C].
+    """
+    boxes = tf.cast(boxes, tf.float32)
+    classes = tf.cast(classes, tf.int32)
+    valid = classes >= 0
+    if difficult is not None:
+        valid &= ~tf.cast(difficult, tf.bool)
+    size = float(grid_size)
+    center_y = (boxes[..., 0] + boxes[..., 2]) / 2
+    center_x = (boxes[..., 1] + boxes[..., 3]) / 2
+    row = tf.clip_by_value(tf.cast(tf.floor(center_y * size), tf.int32), 0, grid_size - 1)
+    col = tf.clip_by_value(tf.cast(tf.floor(center_x * size), tf.int32), 0, grid_size - 1)
+    cell = row * grid_size + col  # [batch, M]
+    count = tf.shape(cell)[1]
+    earlier = tf.linalg.band_part(tf.ones([count, count], tf.bool), -1, 0) & ~tf.eye(count, dtype=tf.bool)
+    taken = tf.equal(cell[:, :, None], cell[:, None, :]) & earlier[None] & valid[:, None, :]
+    first = valid & ~tf.reduce_any(taken, axis=2)
+    values = tf.concat([
+        tf.stack([center_x * size - tf.cast(col, tf.float32), center_y * size - tf.cast(row, tf.float32),
+                  boxes[..., 3] - boxes[..., 1], boxes[..., 2] - boxes[..., 0],
+                  tf.ones_like(center_x)], axis=-1),
+        tf.one_hot(tf.maximum(classes, 0), num_classes, dtype=tf.float32),
+    ], axis=-1)  # [batch, M, 5 + C]
+    placement = tf.one_hot(cell, grid_size * grid_size) * tf.cast(first, tf.float32)[..., None]
+    grid = tf.einsum("bmk,bmv->bkv", placement, values)
+    return tf.reshape(grid, [-1, grid_size, grid_size, 5 + num_classes])
+
+
+def encode_yolo_v1_targets(boxes, classes, grid_size=7, num_classes=20, difficult=None):
+    """One element's boxes -> its S x S x (5 + C) YOLOv1 target grid.
 
     Args:
         boxes: float [N, 4] `rel_yxyx` (`vislearn.data.detection` elements).
         classes: int [N] class indices.
         grid_size: S.
         num_classes: C.
-        difficult: optional bool [N]; those objects are left out, as darknet's
-            VOC labels leave out `difficult` ones.
+        difficult: optional bool [N]; those objects are left out.
 
     Returns:
-        float32 [S, S, 5 + C].
+        float32 [S, S, 5 + C]; see `encode_yolo_v1_batch` for the rule.
     """
-    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
-    classes = tf.reshape(tf.cast(classes, tf.int32), [-1])
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [1, -1, 4])
+    classes = tf.reshape(tf.cast(classes, tf.int32), [1, -1])
     if difficult is not None:
-        keep = tf.logical_not(tf.reshape(tf.cast(difficult, tf.bool), [-1]))
-        boxes, classes = tf.boolean_mask(boxes, keep), tf.boolean_mask(classes, keep)
-    size = float(grid_size)
-    center_y = (boxes[:, 0] + boxes[:, 2]) / 2
-    center_x = (boxes[:, 1] + boxes[:, 3]) / 2
-    row = tf.clip_by_value(tf.cast(tf.floor(center_y * size), tf.int32), 0, grid_size - 1)
-    col = tf.clip_by_value(tf.cast(tf.floor(center_x * size), tf.int32), 0, grid_size - 1)
-    # First object per cell: drop any object whose cell an earlier one took.
-    cell = row * grid_size + col
-    same_cell = tf.equal(cell[:, None], cell[None, :])
-    count = tf.shape(cell)[0]
-    earlier = tf.linalg.band_part(tf.ones([count, count], tf.bool), -1, 0) & ~tf.eye(count, dtype=tf.bool)
-    first = ~tf.reduce_any(same_cell & earlier, axis=1)
-
-    values = tf.concat([
-        tf.stack([center_x * size - tf.cast(col, tf.float32), center_y * size - tf.cast(row, tf.float32),
-                  boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0], tf.ones_like(center_x)], axis=-1),
-        tf.one_hot(classes, num_classes, dtype=tf.float32),
-    ], axis=-1)
-    indices = tf.stack([row, col], axis=-1)
-    return tf.scatter_nd(tf.boolean_mask(indices, first), tf.boolean_mask(values, first),
-                         [grid_size, grid_size, 5 + num_classes])
+        difficult = tf.reshape(difficult, [1, -1])
+    return encode_yolo_v1_batch(boxes, classes, grid_size, num_classes, difficult)[0]
 
 
 def yolo_v1_training_pair(element, grid_size=7, num_classes=20):

@@ -21,7 +21,7 @@ from keras import layers
 from vislearn.backbones import BN_MOMENTUM, build_backbone
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
-from vislearn.losses.yolo_v1 import YoloV1Loss
+from vislearn.losses.yolo_v1 import YoloV1Loss, encode_yolo_v1_batch
 
 # (filters, kernel, stride) per conv layer, "M" a 2x2 stride-2 max-pool.
 # Figure 3 of the paper: 24 convolutional layers.
@@ -81,52 +81,6 @@ def feature_map_backbone(spec, input_shape):
     if isinstance(last, (layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D, layers.Flatten)):
         backbone = keras.Model(backbone.inputs, last.input, name=backbone.name)
     return backbone
-
-
-def encode_yolo_v1_batch(boxes, classes, grid_size, num_classes, difficult=None):
-    """Padded batched boxes -> the YOLOv1 target grids, with static shapes.
-
-    The batched form of `vislearn.losses.yolo_v1.encode_yolo_v1_targets`
-    (same rule: the cell holding a box's centre is responsible for it, the
-    first listed object keeps a shared cell, difficult objects are left out),
-    for the padded batches of `vislearn.data.detection.pad_batch` (class -1
-    marks padding). It runs inside the train step, so the data pipeline does
-    not depend on the model's grid.
-
-    Args:
-        boxes: float [batch, M, 4] `rel_yxyx`.
-        classes: int [batch, M], -1 for padding.
-        grid_size: S.
-        num_classes: C.
-        difficult: optional bool [batch, M].
-
-    Returns:
-        float32 [batch, S, S, 5 + C].
-    """
-    boxes = tf.cast(boxes, tf.float32)
-    classes = tf.cast(classes, tf.int32)
-    valid = classes >= 0
-    if difficult is not None:
-        valid &= ~tf.cast(difficult, tf.bool)
-    size = float(grid_size)
-    center_y = (boxes[..., 0] + boxes[..., 2]) / 2
-    center_x = (boxes[..., 1] + boxes[..., 3]) / 2
-    row = tf.clip_by_value(tf.cast(tf.floor(center_y * size), tf.int32), 0, grid_size - 1)
-    col = tf.clip_by_value(tf.cast(tf.floor(center_x * size), tf.int32), 0, grid_size - 1)
-    cell = row * grid_size + col  # [batch, M]
-    count = tf.shape(cell)[1]
-    earlier = tf.linalg.band_part(tf.ones([count, count], tf.bool), -1, 0) & ~tf.eye(count, dtype=tf.bool)
-    taken = tf.equal(cell[:, :, None], cell[:, None, :]) & earlier[None] & valid[:, None, :]
-    first = valid & ~tf.reduce_any(taken, axis=2)
-    values = tf.concat([
-        tf.stack([center_x * size - tf.cast(col, tf.float32), center_y * size - tf.cast(row, tf.float32),
-                  boxes[..., 3] - boxes[..., 1], boxes[..., 2] - boxes[..., 0],
-                  tf.ones_like(center_x)], axis=-1),
-        tf.one_hot(tf.maximum(classes, 0), num_classes, dtype=tf.float32),
-    ], axis=-1)  # [batch, M, 5 + C]
-    placement = tf.one_hot(cell, grid_size * grid_size) * tf.cast(first, tf.float32)[..., None]
-    grid = tf.einsum("bmk,bmv->bkv", placement, values)
-    return tf.reshape(grid, [-1, grid_size, grid_size, 5 + num_classes])
 
 
 def decode_yolo_v1(grid, num_boxes, num_classes, score_threshold=0.005, iou_threshold=0.5,
