@@ -186,7 +186,7 @@ def _representation_method(model_class, data_args=lambda model: {}, **overrides)
     logged, never used to select)."""
     return Method(**{
         "model_class": model_class,
-        "datasets": ("digits_ssl", "image_folders"),
+        "datasets": ("digits_ssl", "image_folders", "object_crops"),
         "model_args": _image_shape_args,
         "data_args": data_args,
         "validation": lambda data: None,
@@ -344,7 +344,7 @@ def _methods():
             data_args=lambda model: {"train_targets": "labels"} if model.get("online_probe") else {}),
         "moco": _representation_method(MoCo, model_args=_contrastive_model_args),  # v1, v2, MoChi
         "supervised": _representation_method(
-            Supervised, datasets=("digits_ssl",), model_args=_supervised_model_args,
+            Supervised, datasets=("digits_ssl", "object_crops"), model_args=_supervised_model_args,
             data_args=lambda model: {"train_targets": "labels"}, validation=lambda data: data.probe_test),
         "two_branch": (two_branch := Method(
             model_class=TwoBranch,

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from helpers import as_set_args, mirrored_run, register_mirrored_fit, run_cli, tiny_yolo_v1_overrides
 from vislearn import recipes
+from vislearn.backbones import pretrained_encoder
 from vislearn.config import ConfigError
 from vislearn.data import shapes_on_photos
 from vislearn.losses.yolo_v1 import encode_yolo_v1_batch, encode_yolo_v1_targets, yolo_v1_training_pair
@@ -178,6 +179,28 @@ def test_fit_under_mirrored_strategy_on_two_logical_cpus(mirrored_runs):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) == {"map50", "map", "ap50_per_class"}
     assert set(metrics["ap50_per_class"]) == {"circle", "square", "triangle", "star", "cross"}
+
+
+def test_backbone_pretrained_on_object_crops_starts_the_detector(data_home, tmp_path):
+    """The paper's pretraining step at small scale: `yolo_shapes_backbone` (a
+    classifier on the training set's object crops) hands its backbone to
+    `yolo_shapes` through `model.backbone.from_run`, weight for weight."""
+    shapes = ["data.n_train=16", "data.n_test=8", "data.source_size=96"]
+    recipe, source = recipes.load_recipe("yolo_shapes_backbone", shapes + [
+        "data.image_size=[32,32]", "data.batch_size=8", "train.epochs=1", "train.steps_per_epoch=2"])
+    metrics = recipes.fit(recipe, source, tmp_path / "backbone", verbose=0)
+    assert 0.0 <= metrics["linear_top1"] <= 1.0
+    pretrained, _ = pretrained_encoder(tmp_path / "backbone")
+
+    recipe, _ = recipes.load_recipe("yolo_shapes", tiny_yolo_v1_overrides() + [
+        f"model.backbone.from_run={tmp_path / 'backbone'}"])
+    section, _ = recipes.complete_model_section(recipe, recipes.build_data(recipe))
+    detector = recipes.build_model(recipe, section)
+    untrained = recipes.build_model(recipe, {**section, "backbone": {"name": "csp_darknet", "output_stride": 16}})
+    assert len(detector.features.weights) == len(pretrained.weights)
+    for ours, theirs in zip(detector.features.get_weights(), pretrained.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+    assert any((a != b).any() for a, b in zip(detector.features.get_weights(), untrained.features.get_weights()))
 
 
 # shapes_on_photos is made under the session's VISLEARN_DATA on first use.

@@ -8,7 +8,7 @@ Builders take `seed` (the recipe's `train.seed`) and, for domain adaptation,
 from vislearn.data.captions import captioned_shapes, coco_captions, karpathy_captions
 from vislearn.data.detection_sets import detection_folder, shapes_on_photos
 from vislearn.data.domains import digits_m, domain_folders, domain_tfds
-from vislearn.data.unlabelled import digits_ssl, image_folders
+from vislearn.data.unlabelled import digits_ssl, image_folders, object_crops
 
 DATASETS = {
     "digits_m": digits_m,
@@ -18,6 +18,7 @@ DATASETS = {
     "shapes_on_photos": shapes_on_photos,
     "digits_ssl": digits_ssl,
     "image_folders": image_folders,
+    "object_crops": object_crops,
     "captioned_shapes": captioned_shapes,
     "karpathy_captions": karpathy_captions,
     "coco_captions": coco_captions,

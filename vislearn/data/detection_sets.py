@@ -183,6 +183,14 @@ def shapes_on_photos(root=None, format="coco", image_size=(448, 448), batch_size
             side in pixels and seed (only used when `root` is null).
         Other arguments as `detection_folder`.
     """
+    root = shapes_on_photos_root(root, format, n_train, n_test, source_size, make_seed)
+    return detection_folder(root, format, "train", "test", image_size, batch_size, augment, max_boxes,
+                            skip_corrupt=False, cache=cache, seed=seed)
+
+
+def shapes_on_photos_root(root, format, n_train, n_test, source_size, make_seed):
+    """The shapes-on-photos folder to read: `root`, or when null the set made
+    (on first use) under `$VISLEARN_DATA` for these arguments."""
     from vislearn.data.make import default_data_home
     from vislearn.data.shapes import make_shapes_on_photos
 
@@ -195,5 +203,4 @@ def shapes_on_photos(root=None, format="coco", image_size=(448, 448), batch_size
     if not root.is_dir():
         raise ConfigError(f"data.root: {root} does not exist (make it with "
                           f"`vislearn data make shapes_on_photos --format {format} --out {root}`)")
-    return detection_folder(root, format, "train", "test", image_size, batch_size, augment, max_boxes,
-                            skip_corrupt=False, cache=cache, seed=seed)
+    return root

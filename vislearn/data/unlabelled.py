@@ -20,6 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from vislearn.config import ConfigError
+from vislearn.data.detection_augment import GREY
+from vislearn.data.detection_sets import read_detection_split, shapes_on_photos_root
 from vislearn.data.folders import IMAGE_SUFFIXES, check_images, decode_image, image_folder
 from vislearn.data.make import default_data_home, make_digits_folders
 
@@ -182,3 +184,82 @@ def image_folders(root, image_size=(32, 32), batch_size=64, probe_train=None, pr
         train=stream, steps_per_epoch=steps,
         probe_train=_probe(sets.get("probe_train"), batch_size), probe_test=_probe(sets.get("probe_test"), batch_size),
         num_classes=len(class_names), image_shape=(*image_size, 3), class_names=class_names, counts=counts)
+
+
+def _object_crops(detection_set, image_size, context):
+    """Every non-difficult object of a detection split as a square crop
+    centred on its box, `context` times the box's longer side, resized to
+    `image_size` (grey where the square leaves the image): (uint8 crops, classes)."""
+    size = [int(s) for s in image_size]
+
+    def crop(element):
+        keep = ~element["difficult"]
+        boxes, classes = tf.boolean_mask(element["boxes"], keep), tf.boolean_mask(element["classes"], keep)
+        shape = tf.cast(tf.shape(element["image"])[:2], tf.float32)
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        side = context * tf.reduce_max((boxes[:, 2:] - boxes[:, :2]) * shape, axis=1, keepdims=True)
+        half = side / 2 / shape  # the same pixels on both axes
+        squares = tf.concat([centre - half, centre + half], axis=1)
+        crops = tf.image.crop_and_resize(element["image"][None], squares, tf.zeros_like(classes), size,
+                                         extrapolation_value=GREY)
+        return tf.image.convert_image_dtype(crops, tf.uint8, saturate=True), tf.cast(classes, tf.int64)
+
+    crops, labels = [], []
+    for element in detection_set.dataset:  # eagerly: inside a tf.data map grappler warns about CropAndResize
+        element_crops, element_labels = crop(element)
+        crops.append(element_crops.numpy())
+        labels.append(element_labels.numpy())
+    crops = np.concatenate(crops) if crops else np.zeros((0, *size, 3), np.uint8)
+    return crops, np.concatenate(labels) if labels else np.zeros(0, np.int64)
+
+
+def object_crops(root=None, format="coco", train_split="train", test_split="test", image_size=(64, 64),
+                 context=3.0, batch_size=64, class_names=None, skip_corrupt=False, n_train=800, n_test=200,
+                 source_size=224, make_seed=0, seed=0, train_targets=None, num_exemplars=None):
+    """The objects of a detection set, cropped and labelled by class: a
+    classification set for pretraining a detector's backbone.
+
+    YOLOv1 pretrains its convolutional layers on ImageNet classification
+    before it trains to detect; this is that step on the detection set's own
+    training boxes (`vislearn fit yolo_shapes_backbone`, then
+    `model.backbone.from_run` in the detector's recipe). The test split's
+    crops are the held-out probe split.
+
+    Args:
+        root, format, train_split, test_split, class_names, skip_corrupt: the
+            detection set, as `detection_folder` reads it; when `root` is null,
+            shapes on photos made on first use with `n_train`, `n_test`,
+            `source_size` and `make_seed` (as the `shapes_on_photos` data).
+        image_size: [height, width] of the crops.
+        context: side of the square crop as a multiple of the box's longer
+            side (3: the object fills a third; with 64-pixel crops of 224-pixel
+            images, objects are as large as in the detector's 160x160 input).
+        batch_size: global batch size.
+    """
+    if not float(context) >= 1.0:
+        raise ConfigError(f"data.context: expected a number of at least 1 (the crop holds the box), "
+                          f"received {context!r}")
+    if root is None:
+        root = shapes_on_photos_root(None, format, n_train, n_test, source_size, make_seed)
+    train_set = read_detection_split(root, format, train_split, class_names, skip_corrupt)
+    test_set = read_detection_split(root, format, test_split, train_set.class_names if format != "yolo" else None,
+                                    skip_corrupt)
+    images, labels = _object_crops(train_set, image_size, float(context))
+    test_images, test_labels = _object_crops(test_set, image_size, float(context))
+    if not len(images):
+        raise ConfigError(f"data.root: {root} has no objects in its {train_split!r} split to crop")
+    stream, steps = _train_stream(images, labels, batch_size, seed, train_targets, num_exemplars)
+
+    def as_float(crops, *targets):  # kept as uint8 in memory: a quarter of the bytes
+        crops = tf.image.convert_image_dtype(crops, tf.float32)
+        return (crops, *targets) if targets else crops
+
+    def probe(crops, classes):
+        return _probe(tf.data.Dataset.from_tensor_slices((crops, classes)).map(as_float), batch_size)
+
+    return UnlabelledData(
+        train=stream.map(as_float), steps_per_epoch=steps,
+        probe_train=probe(images, labels), probe_test=probe(test_images, test_labels),
+        num_classes=len(train_set.class_names), image_shape=(*tuple(image_size), 3),
+        class_names=list(train_set.class_names),
+        counts={"train": len(images), "probe_train": len(images), "probe_test": len(test_images)})
