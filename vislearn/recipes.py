@@ -573,6 +573,9 @@ def load_trained(run_dir, image_input=True):
     model_section = dict(recipe["model"])
     if model_section.get("word_vectors"):
         model_section["word_vectors"] = None  # the checkpoint restores those rows; the file may be gone
+    if isinstance(model_section.get("backbone"), dict) and model_section["backbone"].get("from_run"):
+        # Likewise the pretrained backbone's weights, and its run dir may be gone.
+        model_section["backbone"] = {k: v for k, v in model_section["backbone"].items() if k != "from_run"}
     model = build_model(recipe, model_section)
     model.load_weights(str(checkpoint))
     if image_input and getattr(data, "features", None) is not None:

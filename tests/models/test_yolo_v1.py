@@ -192,7 +192,7 @@ def test_backbone_pretrained_on_object_crops_starts_the_detector(data_home, tmp_
     assert 0.0 <= metrics["linear_top1"] <= 1.0
     pretrained, _ = pretrained_encoder(tmp_path / "backbone")
 
-    recipe, _ = recipes.load_recipe("yolo_shapes", tiny_yolo_v1_overrides() + [
+    recipe, source = recipes.load_recipe("yolo_shapes", tiny_yolo_v1_overrides() + [
         f"model.backbone.from_run={tmp_path / 'backbone'}"])
     section, _ = recipes.complete_model_section(recipe, recipes.build_data(recipe))
     detector = recipes.build_model(recipe, section)
@@ -201,6 +201,12 @@ def test_backbone_pretrained_on_object_crops_starts_the_detector(data_home, tmp_
     for ours, theirs in zip(detector.features.get_weights(), pretrained.get_weights()):
         np.testing.assert_array_equal(ours, theirs)
     assert any((a != b).any() for a, b in zip(detector.features.get_weights(), untrained.features.get_weights()))
+
+    # The detector's run exports without the pretraining run: its checkpoint holds every weight.
+    recipes.fit(recipe, source, tmp_path / "detector", verbose=0)
+    (tmp_path / "backbone").rename(tmp_path / "moved")
+    _, trained, _ = recipes.load_trained(tmp_path / "detector")
+    assert np.isfinite(trained.predict(np.zeros((1, 64, 64, 3), "float32"), verbose=0)).all()
 
 
 # shapes_on_photos is made under the session's VISLEARN_DATA on first use.
