@@ -165,10 +165,16 @@ def detection_folder(root, format="coco", train_split="train", test_split="test"
         skip_corrupt: skip (and count) missing or undecodable images.
         cache: keep the resized images in memory after the first epoch.
     """
+    train_set, test_set = read_train_and_test(root, format, train_split, test_split, class_names, skip_corrupt)
+    return detection_pipelines(train_set, test_set, image_size, batch_size, augment, max_boxes, cache, seed)
+
+
+def read_train_and_test(root, format, train_split, test_split, class_names=None, skip_corrupt=False):
+    """Two splits of a detection set, the test split read with the training split's classes."""
     train_set = read_detection_split(root, format, train_split, class_names, skip_corrupt)
     test_set = read_detection_split(root, format, test_split, train_set.class_names if format != "yolo" else None,
                                     skip_corrupt)
-    return detection_pipelines(train_set, test_set, image_size, batch_size, augment, max_boxes, cache, seed)
+    return train_set, test_set
 
 
 def shapes_on_photos(root=None, format="coco", image_size=(448, 448), batch_size=64, augment=True,

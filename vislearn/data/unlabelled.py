@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from vislearn.config import ConfigError
 from vislearn.data.detection_augment import GREY
-from vislearn.data.detection_sets import read_detection_split, shapes_on_photos_root
+from vislearn.data.detection_sets import read_train_and_test, shapes_on_photos_root
 from vislearn.data.folders import IMAGE_SUFFIXES, check_images, decode_image, image_folder
 from vislearn.data.make import default_data_home, make_digits_folders
 
@@ -241,9 +241,7 @@ def object_crops(root=None, format="coco", train_split="train", test_split="test
                           f"received {context!r}")
     if root is None:
         root = shapes_on_photos_root(None, format, n_train, n_test, source_size, make_seed)
-    train_set = read_detection_split(root, format, train_split, class_names, skip_corrupt)
-    test_set = read_detection_split(root, format, test_split, train_set.class_names if format != "yolo" else None,
-                                    skip_corrupt)
+    train_set, test_set = read_train_and_test(root, format, train_split, test_split, class_names, skip_corrupt)
     images, labels = _object_crops(train_set, image_size, float(context))
     test_images, test_labels = _object_crops(test_set, image_size, float(context))
     if not len(images):
