@@ -504,11 +504,96 @@ def validate(recipe, source):
     check_arguments(distribute_section, distribute, f"{source}: distribute")
     if distribute.get("strategy", "auto") not in STRATEGIES:
         pick({s: s for s in STRATEGIES}, distribute.get("strategy"), f"{source}: distribute.strategy")
+    pretraining_recipe(recipe, source)  # a bad `model.backbone.pretrain` fails here, not after a fit
     export = recipe.get("export") or {}
     check_arguments(method.export_options, export, f"{source}: export")
     if "resize" in export and export["resize"] not in RESIZE_MODES:
         raise ConfigError(f"{source}: export.resize: expected one of {list(RESIZE_MODES)}, "
                           f"received {export['resize']!r}")
+
+
+# `data:` keys that say which images a set holds (not how they are batched or
+# sized): a `model.backbone.pretrain` recipe reads the images of the recipe that
+# names it.
+IMAGE_SOURCE_KEYS = ("root", "format", "train_split", "test_split", "class_names", "skip_corrupt",
+                     "n_train", "n_test", "source_size", "make_seed")
+
+
+def pretraining_recipe(recipe, source):
+    """The recipe named by `model.backbone.pretrain`, set to this recipe's seed
+    and images, or None. Returns (pretraining recipe, its source).
+
+    `pretrain: RECIPE` (a bundled name or a path) makes `vislearn fit` train
+    RECIPE first, in RUN_DIR/pretrain, and start the backbone from it as
+    `from_run` would: the paper's two steps (e.g. YOLOv1's classification
+    pretraining) from one command. RECIPE takes this recipe's `train.seed` and
+    the `data:` keys in IMAGE_SOURCE_KEYS its data accepts, so it learns from
+    the same images."""
+    from vislearn.backbones import backbone_spec
+    from vislearn.data import DATASETS
+
+    backbone = recipe["model"].get("backbone")
+    name = backbone.get("pretrain") if isinstance(backbone, dict) else None
+    if name is None:
+        return None
+    where = f"{source}: model.backbone.pretrain"
+    if backbone.get("from_run") is not None:
+        raise ConfigError(f"{where}: give pretrain or from_run, not both")
+    if not Path(str(name)).is_file() and str(name) not in bundled_recipes():
+        raise ConfigError(f"{where}: {name!r} is neither a file nor a bundled recipe"
+                          f"{suggestion(str(name), bundled_recipes())}")
+    path = resolve_recipe(name)
+    try:
+        pretraining = read_yaml(path)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    if not isinstance(pretraining, dict) or not isinstance(pretraining.get("data"), dict) \
+            or not isinstance(pretraining.get("train"), dict):
+        raise ConfigError(f"{where}: {path} is not a recipe (data: and train: sections)")
+    accepted = signature_parameters(DATASETS.get(pretraining["data"].get("name")))
+    for key in IMAGE_SOURCE_KEYS:
+        if key in recipe["data"] and key in accepted:
+            pretraining["data"][key] = recipe["data"][key]
+    pretraining["train"]["seed"] = recipe["train"]["seed"]
+    model = pretraining.get("model")
+    theirs = model.get("backbone") if isinstance(model, dict) else None
+    if isinstance(theirs, dict) and theirs.get("pretrain") is not None:
+        raise ConfigError(f"{where}: {path} has a pretrain step of its own; chain the runs with "
+                          "backbone.from_run instead")
+    validate(pretraining, str(path))
+    if backbone_spec(theirs) != backbone_spec(backbone):
+        raise ConfigError(f"{where}: {path} trains backbone {backbone_spec(theirs)}, this recipe's is "
+                          f"{backbone_spec(backbone)}; use the same name and arguments")
+    return pretraining, str(path)
+
+
+def signature_parameters(function):
+    import inspect
+
+    return set(inspect.signature(function).parameters) if callable(function) else set()
+
+
+def run_pretraining(recipe, source, model_section, run_dir, strategy, verbose):
+    """Fit `model.backbone.pretrain` in RUN_DIR/pretrain (resuming it, or
+    skipping it once finished) and return the model section with the backbone
+    starting from that run (`from_run`)."""
+    found = pretraining_recipe(recipe, source)
+    if found is None:
+        return model_section
+    pretraining, pretraining_source = found
+    pretrain_dir = Path(run_dir) / "pretrain"
+    if (pretrain_dir / "metrics.json").exists() and not (pretrain_dir / "backup").exists():
+        log.info("backbone pretraining %s already finished in %s", pretraining_source, pretrain_dir)
+    else:
+        log.info("pretraining the backbone first: %s in %s", pretraining_source, pretrain_dir)
+        fit(pretraining, pretraining_source, pretrain_dir, verbose=verbose, strategy=strategy)
+    import keras
+
+    # The model starts from the same random state whether or not the
+    # pretraining ran in this process (a resumed run skips it).
+    keras.utils.set_random_seed(recipe["train"]["seed"])
+    backbone = {k: v for k, v in model_section["backbone"].items() if k != "pretrain"}
+    return {**model_section, "backbone": {**backbone, "from_run": str(pretrain_dir)}}
 
 
 # ---------------------------------------------------------------- building
@@ -573,9 +658,10 @@ def load_trained(run_dir, image_input=True):
     model_section = dict(recipe["model"])
     if model_section.get("word_vectors"):
         model_section["word_vectors"] = None  # the checkpoint restores those rows; the file may be gone
-    if isinstance(model_section.get("backbone"), dict) and model_section["backbone"].get("from_run"):
+    if isinstance(model_section.get("backbone"), dict):
         # Likewise the pretrained backbone's weights, and its run dir may be gone.
-        model_section["backbone"] = {k: v for k, v in model_section["backbone"].items() if k != "from_run"}
+        model_section["backbone"] = {k: v for k, v in model_section["backbone"].items()
+                                     if k not in ("from_run", "pretrain")}
     model = build_model(recipe, model_section)
     model.load_weights(str(checkpoint))
     if image_input and getattr(data, "features", None) is not None:
@@ -636,9 +722,12 @@ def default_run_dir(recipe_source):
     return Path("runs") / Path(recipe_source).stem
 
 
-def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None):
+def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None, strategy=None):
     """Train a validated recipe in `run_dir`, resuming an interrupted run there.
 
+    strategy: a tf.distribute strategy to train under instead of building one
+        (a pretraining step shares its recipe's: one multi-worker strategy per
+        process).
     Returns the metrics dict written to `metrics.json`.
     """
     import keras
@@ -651,7 +740,7 @@ def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None):
     train = recipe["train"]
     chief = is_chief()
     state = check_run_dir(run_dir, recipe) if chief else "worker"
-    strategy = make_strategy(strategy_name or (recipe.get("distribute") or {}).get("strategy", "auto"))
+    strategy = strategy or make_strategy(strategy_name or (recipe.get("distribute") or {}).get("strategy", "auto"))
     keras.utils.set_random_seed(train["seed"])
     method = method_of(recipe)
     data = build_data(recipe)
@@ -667,6 +756,7 @@ def fit(recipe, source, run_dir=None, strategy_name=None, verbose=None):
     log.info("%s run in %s (%s)", {"new": "starting", "resume": "resuming"}.get(state, "joining"),
              run_dir, strategy.__class__.__name__)
 
+    model_section = run_pretraining(recipe, source, model_section, run_dir, strategy, verbose)
     total_steps = train["epochs"] * steps
     with strategy.scope():
         model = build_model(recipe, model_section)

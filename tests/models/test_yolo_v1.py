@@ -8,10 +8,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 
 from helpers import as_set_args, mirrored_run, register_mirrored_fit, run_cli, tiny_yolo_v1_overrides
 from vislearn import recipes
-from vislearn.backbones import pretrained_encoder
+from vislearn.backbones import build_backbone, pretrained_encoder
 from vislearn.config import ConfigError
 from vislearn.data import shapes_on_photos
 from vislearn.losses.yolo_v1 import encode_yolo_v1_batch, encode_yolo_v1_targets, yolo_v1_training_pair
@@ -181,20 +182,36 @@ def test_fit_under_mirrored_strategy_on_two_logical_cpus(mirrored_runs):
     assert set(metrics["ap50_per_class"]) == {"circle", "square", "triangle", "star", "cross"}
 
 
-def test_backbone_pretrained_on_object_crops_starts_the_detector(data_home, tmp_path):
-    """The paper's pretraining step at small scale: `yolo_shapes_backbone` (a
-    classifier on the training set's object crops) hands its backbone to
-    `yolo_shapes` through `model.backbone.from_run`, weight for weight."""
-    shapes = ["data.n_train=16", "data.n_test=8", "data.source_size=96"]
-    recipe, source = recipes.load_recipe("yolo_shapes_backbone", shapes + [
-        "data.image_size=[32,32]", "data.batch_size=8", "train.epochs=1", "train.steps_per_epoch=2"])
-    metrics = recipes.fit(recipe, source, tmp_path / "backbone", verbose=0)
-    assert 0.0 <= metrics["linear_top1"] <= 1.0
-    pretrained, _ = pretrained_encoder(tmp_path / "backbone")
-
+def test_pretrain_step_fits_the_backbone_recipe_first_and_starts_the_detector(data_home, tmp_path, caplog):
+    """The paper's pretraining step from one `fit`: `model.backbone.pretrain`
+    (bundled: yolo_shapes_backbone, a classifier on the training set's object
+    crops; here a copy shrunk to two steps) is fitted in RUN_DIR/pretrain on
+    the detector's images and seed, and the detector's backbone starts from
+    it, weight for weight."""
+    pretraining = recipes.read_yaml(recipes.resolve_recipe("yolo_shapes_backbone"))
+    pretraining["data"].update(image_size=[32, 32], batch_size=8)
+    pretraining["train"].update(epochs=1, steps_per_epoch=2)
+    small = tmp_path / "small_backbone.yaml"
+    small.write_text(yaml.safe_dump(pretraining))
     recipe, source = recipes.load_recipe("yolo_shapes", tiny_yolo_v1_overrides() + [
-        f"model.backbone.from_run={tmp_path / 'backbone'}"])
-    section, _ = recipes.complete_model_section(recipe, recipes.build_data(recipe))
+        f"model.backbone.pretrain={small}", "train.seed=3"])
+    run_dir = tmp_path / "detector"
+    metrics = recipes.fit(recipe, source, run_dir, verbose=0)
+    assert 0.0 <= metrics["map50"] <= 1.0
+    ran = recipes.read_yaml(run_dir / "pretrain" / "recipe.yaml")
+    assert (ran["train"]["seed"], ran["data"]["n_train"], ran["data"]["source_size"]) == (3, 16, 96)
+    assert (run_dir / "pretrain" / "metrics.json").exists()
+    assert recipes.read_yaml(run_dir / "recipe.yaml")["model"]["backbone"]["pretrain"] == str(small)
+
+    # A finished pretraining is not run again (a resumed detector run skips it).
+    data = recipes.build_data(recipe)
+    section, _ = recipes.complete_model_section(recipe, data)
+    with caplog.at_level(logging.INFO, logger="vislearn"):
+        section = recipes.run_pretraining(recipe, source, section, run_dir, tf.distribute.get_strategy(), 0)
+    assert "already finished" in caplog.text
+    assert section["backbone"] == {"name": "csp_darknet", "output_stride": 16,
+                                   "from_run": str(run_dir / "pretrain")}
+    pretrained, _ = pretrained_encoder(run_dir / "pretrain")
     detector = recipes.build_model(recipe, section)
     untrained = recipes.build_model(recipe, {**section, "backbone": {"name": "csp_darknet", "output_stride": 16}})
     assert len(detector.features.weights) == len(pretrained.weights)
@@ -203,10 +220,28 @@ def test_backbone_pretrained_on_object_crops_starts_the_detector(data_home, tmp_
     assert any((a != b).any() for a, b in zip(detector.features.get_weights(), untrained.features.get_weights()))
 
     # The detector's run exports without the pretraining run: its checkpoint holds every weight.
-    recipes.fit(recipe, source, tmp_path / "detector", verbose=0)
-    (tmp_path / "backbone").rename(tmp_path / "moved")
-    _, trained, _ = recipes.load_trained(tmp_path / "detector")
+    (run_dir / "pretrain").rename(tmp_path / "moved")
+    _, trained, _ = recipes.load_trained(run_dir)
     assert np.isfinite(trained.predict(np.zeros((1, 64, 64, 3), "float32"), verbose=0)).all()
+
+
+def test_pretrain_errors_name_the_key(tmp_path):
+    """Checked when the recipe loads, before any data is made or step taken."""
+    with pytest.raises(ConfigError, match=re.escape(
+            "model.backbone.pretrain: 'yolo_shapes_bakbone' is neither a file nor a bundled recipe "
+            "(did you mean 'yolo_shapes_backbone'?)")):
+        recipes.load_recipe("yolo_shapes", ["model.backbone.pretrain=yolo_shapes_bakbone"])
+    with pytest.raises(ConfigError, match=r"model\.backbone\.pretrain: .*yolo_shapes_backbone\.yaml trains backbone "
+                                          r".*'output_stride': 16.*this recipe's is .*'output_stride': 32"):
+        recipes.load_recipe("yolo_shapes", ["model.backbone.output_stride=32"])
+    with pytest.raises(ConfigError, match="give pretrain or from_run, not both"):
+        recipes.load_recipe("yolo_shapes", [f"model.backbone.from_run={tmp_path}"])
+    not_a_recipe = tmp_path / "notes.yaml"
+    not_a_recipe.write_text("- a list\n")
+    with pytest.raises(ConfigError, match=r"model\.backbone\.pretrain: .*notes\.yaml: expected a mapping of sections"):
+        recipes.load_recipe("yolo_shapes", [f"model.backbone.pretrain={not_a_recipe}"])
+    with pytest.raises(ValueError, match="backbone.pretrain: a step of `vislearn fit`"):
+        build_backbone({"name": "csp_darknet", "pretrain": "yolo_shapes_backbone"}, (64, 64, 3))
 
 
 # shapes_on_photos is made under the session's VISLEARN_DATA on first use.

@@ -144,6 +144,8 @@ def build_backbone(spec, input_shape):
             else last, checkpoint). The run's backbone must have the same name
             and the same weight shapes, else a ConfigError names both.
         trainable: false freezes the backbone (a linear-probe-style transfer).
+    A third, `pretrain: RECIPE`, is `vislearn fit`'s (it fits RECIPE first and
+    passes its run dir as from_run); here it is an error.
     """
     if isinstance(spec, keras.Model):
         return spec
@@ -152,6 +154,9 @@ def build_backbone(spec, input_shape):
     spec = dict(spec)
     from_run = spec.pop("from_run", None)
     trainable = spec.pop("trainable", True)
+    if spec.pop("pretrain", None) is not None:
+        raise ValueError("backbone.pretrain: a step of `vislearn fit` (recipes.fit); in a script, fit the "
+                         "pretraining recipe first and pass its run dir as backbone.from_run")
     name = spec.pop("name", None)
     if name not in BACKBONES:
         close = difflib.get_close_matches(str(name), BACKBONES, n=1)
@@ -166,10 +171,11 @@ def build_backbone(spec, input_shape):
     return backbone
 
 
-def _spec_dict(spec):
+def backbone_spec(spec):
+    """The builder's name and arguments of a backbone spec (what fixes its weights' shapes)."""
     spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
-    spec.pop("from_run", None)
-    spec.pop("trainable", None)
+    for key in ("from_run", "trainable", "pretrain"):
+        spec.pop(key, None)
     return spec
 
 
@@ -193,7 +199,7 @@ def pretrained_encoder(run_dir):
                           "or last.weights.h5); has the run finished an epoch?")
     recipe = read_yaml(recipe_file)
     model_section = dict(recipe["model"])
-    spec = _spec_dict(model_section.get("backbone", "dann_mnist"))
+    spec = backbone_spec(model_section.get("backbone", "dann_mnist"))
     # Build the run's model on its own weights only (not on its own from_run).
     model_section["backbone"] = spec
     model = build_model(recipe, model_section)
@@ -206,7 +212,7 @@ def load_backbone_from_run(backbone, run_dir, spec):
     from vislearn.config import ConfigError
 
     source, source_spec = pretrained_encoder(run_dir)
-    spec = _spec_dict(spec)
+    spec = backbone_spec(spec)
     source_weights, weights = source.get_weights(), backbone.get_weights()
     compatible = source_spec.get("name") == spec.get("name") and len(source_weights) == len(weights) and all(
         a.shape == b.shape for a, b in zip(source_weights, weights))
