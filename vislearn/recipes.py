@@ -647,6 +647,12 @@ def load_trained(run_dir, image_input=True):
     if not recipe_file.exists():
         raise ConfigError(f"{run_dir}: not a run dir (no recipe.yaml)")
     recipe = read_yaml(recipe_file)
+    model = recipe.get("model") if isinstance(recipe, dict) else None
+    backbone = model.get("backbone") if isinstance(model, dict) else None
+    if isinstance(backbone, dict):
+        # The checkpoint holds the pretrained backbone's weights too: its run
+        # dir, or the pretraining recipe, may be gone.
+        recipe["model"]["backbone"] = {k: v for k, v in backbone.items() if k not in ("from_run", "pretrain")}
     validate(recipe, str(recipe_file))
     checkpoint = next((p for p in (run_dir / "checkpoints" / "best.weights.h5",
                                    run_dir / "checkpoints" / "last.weights.h5") if p.exists()), None)
@@ -658,10 +664,6 @@ def load_trained(run_dir, image_input=True):
     model_section = dict(recipe["model"])
     if model_section.get("word_vectors"):
         model_section["word_vectors"] = None  # the checkpoint restores those rows; the file may be gone
-    if isinstance(model_section.get("backbone"), dict):
-        # Likewise the pretrained backbone's weights, and its run dir may be gone.
-        model_section["backbone"] = {k: v for k, v in model_section["backbone"].items()
-                                     if k not in ("from_run", "pretrain")}
     model = build_model(recipe, model_section)
     model.load_weights(str(checkpoint))
     if image_input and getattr(data, "features", None) is not None:
