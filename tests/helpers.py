@@ -137,9 +137,9 @@ def tiny_yolo_v1_overrides(n_train=16, n_test=8, image=64, epochs=1, steps=2):
     """`--set` values shrinking the `yolo_shapes` recipe to a seconds-long run
     (a 4x4 grid behind a 32-wide fc head, no pretraining step; steps=None:
     whole epochs)."""
-    overrides = ["model.backbone.pretrain=null", "model.fc_units=32", "model.grid_size=4", "model.head=fc", f"data.image_size=[{image},{image}]",
-                 "data.batch_size=8", f"data.n_train={n_train}", f"data.n_test={n_test}", "data.source_size=96",
-                 f"train.epochs={epochs}"]
+    overrides = ["model.backbone.pretrain=null", "model.fc_units=32", "model.grid_size=4", "model.head=fc",
+                 f"data.image_size=[{image},{image}]", "data.batch_size=8", f"data.n_train={n_train}",
+                 f"data.n_test={n_test}", "data.source_size=96", f"train.epochs={epochs}"]
     return overrides + ([f"train.steps_per_epoch={steps}"] if steps else [])
 
 
