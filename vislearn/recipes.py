@@ -386,14 +386,14 @@ def bundled_recipes():
     return {p.stem: p for p in sorted(BUNDLED_RECIPES.glob("*.yaml"))}
 
 
-def resolve_recipe(name_or_path):
+def resolve_recipe(name_or_path, where="RECIPE"):
     path = Path(name_or_path)
     if path.is_file():
         return path
     bundled = bundled_recipes()
     if str(name_or_path) in bundled:
         return bundled[str(name_or_path)]
-    raise ConfigError(f"RECIPE: {name_or_path!r} is neither a file nor a bundled recipe"
+    raise ConfigError(f"{where}: {name_or_path!r} is neither a file nor a bundled recipe"
                       f"{suggestion(name_or_path, bundled)}; bundled: {sorted(bundled)}")
 
 
@@ -529,6 +529,8 @@ def pretraining_recipe(recipe, source):
     pretraining) from one command. RECIPE takes this recipe's `train.seed` and
     the `data:` keys in IMAGE_SOURCE_KEYS its data accepts, so it learns from
     the same images."""
+    import inspect
+
     from vislearn.backbones import backbone_spec
     from vislearn.data import DATASETS
 
@@ -539,10 +541,7 @@ def pretraining_recipe(recipe, source):
     where = f"{source}: model.backbone.pretrain"
     if backbone.get("from_run") is not None:
         raise ConfigError(f"{where}: give pretrain or from_run, not both")
-    if not Path(str(name)).is_file() and str(name) not in bundled_recipes():
-        raise ConfigError(f"{where}: {name!r} is neither a file nor a bundled recipe"
-                          f"{suggestion(str(name), bundled_recipes())}")
-    path = resolve_recipe(name)
+    path = resolve_recipe(str(name), where)
     try:
         pretraining = read_yaml(path)
     except ConfigError as error:
@@ -550,7 +549,8 @@ def pretraining_recipe(recipe, source):
     if not isinstance(pretraining, dict) or not isinstance(pretraining.get("data"), dict) \
             or not isinstance(pretraining.get("train"), dict):
         raise ConfigError(f"{where}: {path} is not a recipe (data: and train: sections)")
-    accepted = signature_parameters(DATASETS.get(pretraining["data"].get("name")))
+    builder = DATASETS.get(pretraining["data"].get("name"))
+    accepted = inspect.signature(builder).parameters if builder else {}  # an unknown name: validate says so
     for key in IMAGE_SOURCE_KEYS:
         if key in recipe["data"] and key in accepted:
             pretraining["data"][key] = recipe["data"][key]
@@ -565,12 +565,6 @@ def pretraining_recipe(recipe, source):
         raise ConfigError(f"{where}: {path} trains backbone {backbone_spec(theirs)}, this recipe's is "
                           f"{backbone_spec(backbone)}; use the same name and arguments")
     return pretraining, str(path)
-
-
-def signature_parameters(function):
-    import inspect
-
-    return set(inspect.signature(function).parameters) if callable(function) else set()
 
 
 def run_pretraining(recipe, source, model_section, run_dir, strategy, verbose):
