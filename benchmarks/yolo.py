@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from step_timing import timed_steps  # benchmarks/ (the script's directory)
 
 NUM_CLASSES = 4
 
@@ -107,9 +108,7 @@ def throughput(args):
     rates = {name: [] for name in models}
     for _ in range(args.repeats):
         for name, model in models.items():
-            start = time.perf_counter()
-            model.fit(data[name], steps_per_epoch=args.steps, epochs=1, verbose=0)
-            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+            rates[name].append(args.steps * args.batch / timed_steps(model, data[name], args.steps))
     for name in models:
         print(f"{name:9s} train step: best {max(rates[name]):.1f}, median {statistics.median(rates[name]):.1f} "
               f"images/s (runs: {', '.join(f'{r:.1f}' for r in rates[name])})")

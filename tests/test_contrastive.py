@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from vislearn import recipes
 from vislearn.config import ConfigError
-from vislearn.data.views import map_views, simclr_augment
+from vislearn.data.views import LUMA, brightness_contrast_saturation, map_views, simclr_augment
 from vislearn.losses.contrastive import InfoNCE, moco_similarities, nt_xent_similarities
 from vislearn.models.moco import MoCo, enqueue, mochi_negatives, momentum_update
 from vislearn.models.simclr import SimCLR
@@ -91,6 +91,22 @@ def test_views_are_seeded_in_range_and_differ_between_seeds():
     (a1, b1), (a2, _) = next(iter(dataset)), next(iter(dataset))
     np.testing.assert_array_equal(a1, a2)
     assert float(tf.reduce_mean(tf.abs(a1 - b1))) > 0.02
+
+
+def test_brightness_contrast_saturation_as_one_matrix_equals_the_three_steps():
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 5, 6, 3), dtype=np.float32)
+    brightness, contrast, saturation = (rng.uniform(0.2, 1.8, 4).astype(np.float32) for _ in range(3))
+    luma = np.array(LUMA, np.float32)
+    # The reference order of SimCLR's jitter, one step at a time (clipped once, at the end).
+    x = images * brightness[:, None, None, None]
+    mean = (x @ luma).mean(axis=(1, 2))[:, None, None, None]
+    x = (x - mean) * contrast[:, None, None, None] + mean
+    gray = (x @ luma)[..., None]
+    expected = np.clip(gray + (x - gray) * saturation[:, None, None, None], 0.0, 1.0)
+    result = brightness_contrast_saturation(images, brightness, contrast, saturation).numpy()
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+    assert 0.0 < (expected == 1.0).mean() < 0.5  # the factors push some pixels into the clip
 
 
 # ---------------------------------------------------------------- MoCo state

@@ -61,22 +61,50 @@ def _crop_boxes(batch, scale, ratio, flip, seeds):
     return tf.stack([y1, x1, y2, x2], axis=1)
 
 
-def _grayscale(images):
-    return tf.image.rgb_to_grayscale(images) * tf.ones([1, 1, 1, 3], images.dtype)
+# tf.image.rgb_to_grayscale's weights (ITU-R BT.601).
+LUMA = (0.2989, 0.587, 0.114)
+
+
+def _luminance(images):
+    # (batch, h, w, 1): broadcasting it against the colours is several times
+    # cheaper than tiling it to three channels.
+    return tf.image.rgb_to_grayscale(images)
+
+
+def brightness_contrast_saturation(images, brightness, contrast, saturation):
+    """Scale brightness, then contrast (about the image's mean luminance),
+    then saturation (about each pixel's luminance), per image; clip to [0, 1].
+
+    The three steps are linear in RGB, so they run as one 3x3 matrix and one
+    offset per image: a single pass over the pixels instead of a dozen.
+
+    Args:
+        images: float (batch, height, width, 3).
+        brightness, contrast, saturation: float (batch,) factors.
+    """
+    luma = tf.constant(LUMA, images.dtype)
+    brightness, contrast, saturation = (tf.reshape(tf.cast(f, images.dtype), [-1, 1, 1])
+                                        for f in (brightness, contrast, saturation))
+    # Saturation: x -> s x + (1 - s) (x . luma) (1, 1, 1), i.e. x @ (s I + (1 - s) luma 1^T).
+    desaturate = luma[:, None] * tf.ones([1, 3], images.dtype)
+    matrix = brightness * contrast * (saturation * tf.eye(3, dtype=images.dtype) + (1 - saturation) * desaturate)
+    # Contrast pulls towards the brightened image's mean luminance m; the
+    # saturation matrix maps m (1, 1, 1) to m (s + (1 - s) sum(luma)) (1, 1, 1).
+    mean = brightness[:, 0] * tf.reduce_sum(tf.reduce_mean(images, axis=[1, 2]) * luma, axis=-1, keepdims=True)
+    offset = mean * (1 - contrast[:, 0]) * (saturation[:, 0] + (1 - saturation[:, 0]) * tf.reduce_sum(luma))
+    jittered = tf.einsum("bhwc,bcd->bhwd", images, matrix) + offset[:, None, None, :]
+    return tf.clip_by_value(jittered, 0.0, 1.0)
 
 
 def _colour_jitter(images, strength, seeds):
     batch = tf.shape(images)[0]
 
     def factor(seed, amount):
-        return tf.random.stateless_uniform([batch, 1, 1, 1], seed, max(1.0 - amount, 0.0), 1.0 + amount)
+        return tf.random.stateless_uniform([batch], seed, max(1.0 - amount, 0.0), 1.0 + amount)
 
     amount = 0.8 * strength
-    x = images * factor(seeds[0], amount)                                              # brightness
-    mean = tf.reduce_mean(_grayscale(x), axis=[1, 2, 3], keepdims=True)
-    x = (x - mean) * factor(seeds[1], amount) + mean                                   # contrast
-    gray = _grayscale(x)
-    x = tf.clip_by_value(gray + (x - gray) * factor(seeds[2], amount), 0.0, 1.0)      # saturation
+    x = brightness_contrast_saturation(images, factor(seeds[0], amount), factor(seeds[1], amount),
+                                       factor(seeds[2], amount))
     hue = 0.2 * strength
     if hue > 0:
         hsv = tf.image.rgb_to_hsv(x)
@@ -144,7 +172,7 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
         jitter = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4]) < jitter_probability
         x = tf.where(jitter, _colour_jitter(x, strength, seeds[5:9]), x)
     gray = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[9]) < grayscale_probability
-    x = tf.where(gray, _grayscale(x), x)
+    x = tf.where(gray, _luminance(x), x)
     if blur:
         kernel_size = max(3, (height // 10) | 1)                    # odd, ~10% of the side
         sigma = tf.random.stateless_uniform([batch], seeds[10], *blur_sigma)
