@@ -139,7 +139,9 @@ class YoloV1(keras.Model):
         num_classes: C.
         image_shape: (height, width, channels) of the input (paper: 448 x 448).
         grid_size: S (paper: 7).
-        num_boxes: B, boxes per cell (paper: 2).
+        num_boxes: B, boxes per cell (paper: 2). Predictors that never
+            specialise (same boxes, responsible in turn) split the
+            confidence target between them; `yolo_shapes` uses 1.
         backbone: `"darknet24"` (the paper's 24 conv layers), `"fast_yolo"`
             (9 conv layers), or a vislearn backbone name / `{"name": ...}`
             spec (used up to its global pooling).
