@@ -140,7 +140,7 @@ class SimCLR(keras.Model):
         """
         # One pass per view, as the keras.io example and lightly do: batch-norm
         # statistics come from each view's batch, and on a CPU two passes of
-        # N images run faster than one of 2N (the activations stay in cache).
+        # N images ran faster than one of 2N (120 against 139 ms at N = 128).
         features_a = self.encoder(views_a, training=training)
         features_b = self.encoder(views_b, training=training)
         local_a = tf.cast(self.projector(features_a, training=training), tf.float32)
