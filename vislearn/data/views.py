@@ -65,12 +65,6 @@ def _crop_boxes(batch, scale, ratio, flip, seeds):
 LUMA = (0.2989, 0.587, 0.114)
 
 
-def _luminance(images):
-    # (batch, h, w, 1): broadcasting it against the colours is several times
-    # cheaper than tiling it to three channels.
-    return tf.image.rgb_to_grayscale(images)
-
-
 def brightness_contrast_saturation(images, brightness, contrast, saturation):
     """Scale brightness, then contrast (about the image's mean luminance),
     then saturation (about each pixel's luminance), per image; clip to [0, 1].
@@ -172,7 +166,8 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
         jitter = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4]) < jitter_probability
         x = tf.where(jitter, _colour_jitter(x, strength, seeds[5:9]), x)
     gray = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[9]) < grayscale_probability
-    x = tf.where(gray, _luminance(x), x)
+    # The one-channel luminance broadcasts to three: several times cheaper than tiling it.
+    x = tf.where(gray, tf.image.rgb_to_grayscale(x), x)
     if blur:
         kernel_size = max(3, (height // 10) | 1)                    # odd, ~10% of the side
         sigma = tf.random.stateless_uniform([batch], seeds[10], *blur_sigma)
