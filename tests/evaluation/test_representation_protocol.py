@@ -104,3 +104,22 @@ def test_metrics_of_an_encoder_and_the_online_monitor_in_history_csv(digit_featu
     assert history.history["knn_top1"] == pytest.approx([metrics["knn_top1"]] * 2)  # identity encoder
     rows = list(csv.DictReader(csv_file.open()))
     assert len(rows) == 2 and float(rows[0]["knn_top1"]) == pytest.approx(metrics["knn_top1"])
+
+
+def test_extracted_features_follow_the_encoders_current_weights(digit_features):
+    # extract_features reuses one traced forward pass per encoder (the kNN
+    # monitor calls it every epoch): it must read the weights as they are now.
+    x_train, y_train, _, _ = digit_features
+    images = _labelled(x_train[:100], y_train[:100], batch=32)  # a short last batch (100 = 3*32 + 4)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    encoder = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
+    eager = np.concatenate([encoder(batch, training=False) for batch, _ in images])
+    before, labels = extract_features(encoder, images)
+    np.testing.assert_allclose(before, eager, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(labels, y_train[:100])
+
+    kernel = encoder.layers[-1].kernel
+    kernel.assign(kernel.numpy() * -2.0)  # the bias is zero, so the features scale by -2
+    after, _ = extract_features(encoder, images)
+    np.testing.assert_allclose(after, -2.0 * before, rtol=1e-4, atol=1e-5)

@@ -18,11 +18,28 @@ into the epoch's logs, so it reaches `history.csv`, TensorBoard and the
 best-checkpoint monitor.
 """
 
+import weakref
+
 import keras
 import numpy as np
+import tensorflow as tf
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
+
+# Each encoder's forward pass traced once and reused (by the kNN monitor every
+# epoch): called eagerly batch by batch, a deep encoder spends most of its time
+# in Python (csp_darknet, 5,050 64x64 crops: 14.5 s eager, 4.3 s traced).
+# The function holds the encoder weakly, so the cache does not keep it alive.
+_traced_forwards = weakref.WeakKeyDictionary()
+
+
+def _traced_forward(encoder):
+    if encoder not in _traced_forwards:
+        reference = weakref.ref(encoder)
+        _traced_forwards[encoder] = tf.function(lambda images: reference()(images, training=False),
+                                                reduce_retracing=True)
+    return _traced_forwards[encoder]
 
 
 def extract_features(encoder, dataset):
@@ -31,9 +48,10 @@ def extract_features(encoder, dataset):
     Returns:
         (features float32 [n, dim], labels int64 [n]).
     """
+    forward = _traced_forward(encoder)
     features, labels = [], []
     for images, batch_labels in dataset:
-        features.append(np.asarray(encoder(images, training=False), dtype=np.float32))
+        features.append(np.asarray(forward(images), dtype=np.float32))
         labels.append(np.asarray(batch_labels, dtype=np.int64))
     if not features:
         raise ValueError("extract_features: the dataset is empty")
