@@ -66,7 +66,7 @@ class ContextPrediction(keras.Model):
             its pixel scale, centred on a black canvas of `image_shape`, so
             the encoder learns strokes at the scale the full image shows them
             (on digits, linear probe at 3 labels per class, seed 0: 0.71
-            against 0.51 resized; over seeds 0-2 native averages 0.66, no
+            against 0.51 resized; over seeds 0-2 native averages 0.67, no
             better than the random encoder, see the README).
         crop_scale: optional (min, max) area fraction of a random resized
             crop of every image before the grid is laid on it; None: none.
