@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from vislearn import recipes
 from vislearn.config import ConfigError
-from vislearn.data.views import LUMA, brightness_contrast_saturation, map_views, simclr_augment
+from vislearn.data.views import (LUMA, brightness_contrast_saturation, check_affine, map_views, random_affine,
+                                 simclr_augment, split_seed)
 from vislearn.losses.contrastive import InfoNCE, moco_similarities, nt_xent_similarities
 from vislearn.models.moco import MoCo, enqueue, mochi_negatives, momentum_update
 from vislearn.models.simclr import SimCLR
@@ -107,6 +108,59 @@ def test_brightness_contrast_saturation_as_one_matrix_equals_the_three_steps():
     result = brightness_contrast_saturation(images, brightness, contrast, saturation).numpy()
     np.testing.assert_allclose(result, expected, atol=1e-5)
     assert 0.0 < (expected == 1.0).mean() < 0.5  # the factors push some pixels into the clip
+
+
+def _bright_centroids(images):
+    """(x, y) intensity centroid of each single-channel image."""
+    images = np.asarray(images)[..., 0]
+    ys, xs = np.mgrid[:images.shape[1], :images.shape[2]]
+    mass = images.sum(axis=(1, 2))
+    return np.stack([(images * xs).sum(axis=(1, 2)) / mass, (images * ys).sum(axis=(1, 2)) / mass], axis=1)
+
+
+def test_affine_views_rotate_zoom_and_shift_by_no_more_than_their_ranges():
+    # One bright 3x3 block 8 px right of the centre (15.5, 15.5) of 32x32 images.
+    images = np.zeros((64, 32, 32, 1), np.float32)
+    images[:, 14:17, 22:25] = 1.0
+    centre = np.array([15.5, 15.5])
+    seeds = split_seed([5, 6], 5)
+    np.testing.assert_array_equal(random_affine(images, seeds), images)            # no ranges: the image
+    np.testing.assert_array_equal(random_affine(images, seeds, rotation=20.0),
+                                  random_affine(images, seeds, rotation=20.0))     # seeded
+
+    start = _bright_centroids(images)[0] - centre                                 # (7.5, -0.5)
+    radius = np.linalg.norm(start)
+    moved = _bright_centroids(random_affine(images, seeds, rotation=30.0)) - centre
+    angles = np.degrees(np.arctan2(moved[:, 1], moved[:, 0]) - np.arctan2(start[1], start[0]))
+    np.testing.assert_allclose(np.linalg.norm(moved, axis=1), radius, atol=0.3)  # a rotation keeps the radius
+    assert np.abs(angles).max() <= 30.5 and angles.max() - angles.min() > 30    # and turns by up to 30 degrees
+
+    zoomed = _bright_centroids(random_affine(images, seeds, zoom=0.2)) - centre
+    scales = np.linalg.norm(zoomed, axis=1) / radius
+    assert 0.8 - 0.05 <= scales.min() and scales.max() <= 1.2 + 0.05 and scales.max() - scales.min() > 0.2
+    np.testing.assert_allclose(np.arctan2(zoomed[:, 1], zoomed[:, 0]), np.arctan2(start[1], start[0]), atol=0.02)
+
+    shifted = _bright_centroids(random_affine(images, seeds, translate=0.1)) - centre - start
+    assert np.abs(shifted).max() <= 3.2 + 0.05 and np.abs(shifted).min() < 1.0   # 10% of 32 px at most
+    assert np.ptp(shifted[:, 0]) > 3 and np.ptp(shifted[:, 1]) > 3              # along both axes
+
+
+def test_affine_views_leave_the_other_steps_draws_alone_and_bad_ranges_name_the_key():
+    images = tf.random.stateless_uniform([4, 16, 16, 3], [0, 1])
+    still = {"rotation": 0, "zoom": 0, "shear": 0, "translate": 0}
+    np.testing.assert_allclose(simclr_augment(images, seed=[3, 4], affine=still),
+                               simclr_augment(images, seed=[3, 4]), atol=1e-6)
+    warped = simclr_augment(images, seed=[3, 4], affine={"rotation": 15, "translate": 0.1})
+    assert float(tf.reduce_mean(tf.abs(warped - simclr_augment(images, seed=[3, 4])))) > 0.02
+    assert check_affine({"rotation": 15}) == {"rotation": 15.0, "zoom": 0.0, "shear": 0.0, "translate": 0.0}
+    with pytest.raises(ConfigError, match=r"model.affine.rotate: unknown key; expected one of \['rotation'"):
+        SimCLR(backbone=TINY, affine={"rotate": 15})
+    with pytest.raises(ConfigError, match="model.affine.zoom: expected a zoom range below 1"):
+        MoCo(backbone=TINY, affine={"zoom": 1.5})
+    with pytest.raises(ConfigError, match="model.affine.shear: expected a number >= 0, received -0.1"):
+        SimCLR(backbone=TINY, affine={"shear": -0.1})
+    with pytest.raises(ConfigError, match=r"model.flip: expected a probability in \[0, 1\], received 2"):
+        MoCo(backbone=TINY, flip=2)
 
 
 # ---------------------------------------------------------------- MoCo state

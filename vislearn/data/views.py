@@ -125,6 +125,66 @@ def gaussian_blur(images, sigma, kernel_size):
     return tf.transpose(tf.reshape(blurred, [height, width, batch, channels]), [2, 0, 1, 3])
 
 
+AFFINE_KEYS = ("rotation", "zoom", "shear", "translate")
+
+
+def check_affine(affine, where="affine"):
+    """None, or a mapping of the random affine step's ranges (`AFFINE_KEYS`,
+    each >= 0, zoom < 1) with the missing ones set to 0."""
+    if affine is None:
+        return None
+    if not isinstance(affine, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {list(AFFINE_KEYS)} or null, received {affine!r}")
+    for key, value in affine.items():
+        if key not in AFFINE_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown key; expected one of {list(AFFINE_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{where}.{key}: expected a number >= 0, received {value!r}")
+    if float(affine.get("zoom", 0)) >= 1:
+        raise ConfigError(f"{where}.zoom: expected a zoom range below 1 (scales 1 - zoom to 1 + zoom), "
+                          f"received {affine['zoom']!r}")
+    return {key: float(affine.get(key, 0.0)) for key in AFFINE_KEYS}
+
+
+def random_affine(images, seeds, rotation=0.0, zoom=0.0, shear=0.0, translate=0.0):
+    """A random affine warp of every image about its centre, zero-filled.
+
+    Each image draws a rotation in [-rotation, rotation] degrees, a scale in
+    [1 - zoom, 1 + zoom], a horizontal shear in [-shear, shear] (x += shear * y)
+    and a shift in [-translate, translate] of its side along each axis: the
+    small deformations handwriting varies by, which a flip or a tight crop
+    would get wrong (a mirrored 2 is no digit; a crop of an 8 can be a 0).
+
+    Args:
+        images: float (batch, height, width, channels).
+        seeds: 5 stateless seeds.
+    """
+    batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    angle = tf.random.stateless_uniform([batch], seeds[0], -rotation, rotation) * (math.pi / 180)
+    scale = tf.random.stateless_uniform([batch], seeds[1], 1 - zoom, 1 + zoom)
+    skew = tf.random.stateless_uniform([batch], seeds[2], -shear, shear)
+    shift = tf.random.stateless_uniform([batch, 2], seeds[3], -translate, translate) * [width, height]
+    # The transform maps each output pixel (x, y) to the input pixel it reads:
+    # input = A (output - centre) + centre - shift, A = R(angle) S(skew) / scale.
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    a0, a1, a3, a4 = cos, cos * skew - sin, sin, sin * skew + cos
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    a2 = cx - a0 * cx - a1 * cy - shift[:, 0]
+    a5 = cy - a3 * cx - a4 * cy - shift[:, 1]
+    zeros = tf.zeros([batch])
+    transforms = tf.stack([a0, a1, a2, a3, a4, a5, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=[height, width], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")
+
+
+def check_probability(value, where="probability"):
+    """A probability in [0, 1], as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"{where}: expected a probability in [0, 1], received {value!r}")
+    return float(value)
+
+
 def check_crop_scale(crop_scale, where="crop_scale"):
     """(min, max) area fractions with 0 < min <= max <= 1, as a tuple of floats."""
     try:
@@ -138,7 +198,7 @@ def check_crop_scale(crop_scale, where="crop_scale"):
 
 def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08, 1.0),
                    ratio=(3 / 4, 4 / 3), flip=0.5, jitter_probability=0.8, grayscale_probability=0.2,
-                   blur_probability=0.5, blur_sigma=(0.1, 2.0)):
+                   blur_probability=0.5, blur_sigma=(0.1, 2.0), affine=None):
     """One random SimCLR view of every image of a batch.
 
     Args:
@@ -147,6 +207,10 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
         strength: colour jitter strength s (SimCLR: 1.0 ImageNet, 0.5 CIFAR).
         blur: apply the Gaussian blur with `blur_probability`.
         crop_scale: (min, max) area fraction of the crop.
+        flip: probability of the horizontal flip.
+        affine: None, or `random_affine`'s ranges (`{rotation, zoom, shear,
+            translate}`), applied after the crop: not SimCLR's; the digits
+            recipes use it in place of the flip.
 
     Returns:
         Views, float32 (batch, height, width, 3) in [0, 1].
@@ -161,6 +225,10 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
 
     boxes = _crop_boxes(batch, crop_scale, ratio, flip, seeds[:4])
     x = tf.image.crop_and_resize(images, boxes, tf.range(batch), [height, width])
+    affine = check_affine(affine)
+    if affine is not None:
+        # Seeds of their own, so the other steps draw what they drew without it.
+        x = random_affine(x, split_seed(tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 12), 5), **affine)
 
     if strength > 0:
         jitter = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4]) < jitter_probability

@@ -26,7 +26,7 @@ from keras import layers
 
 from vislearn.backbones import BN_MOMENTUM, build_backbone
 from vislearn.config import ConfigError
-from vislearn.data.views import simclr_augment
+from vislearn.data.views import check_affine, check_crop_scale, check_probability, simclr_augment
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 from vislearn.losses.contrastive import InfoNCE, check_temperature, gather_across_replicas, nt_xent_similarities
@@ -60,6 +60,11 @@ class SimCLR(keras.Model):
         strength: colour jitter strength s (1.0 ImageNet, 0.5 CIFAR).
         blur: Gaussian blur in the views (ImageNet: yes, CIFAR: no).
         crop_scale: (min, max) area fraction of the random crops.
+        flip: probability of the horizontal flip (paper: 0.5).
+        affine: None (paper), or the ranges of a random rotation, zoom, shear
+            and shift after the crop (`vislearn.data.views.random_affine`):
+            the digits recipe's views, in place of a flip that makes a 2 no
+            digit and of crops small enough to turn an 8 into a 0.
         global_batch_size: the global batch (recipes fill it in from the data);
             checked to hold at least 2 images, i.e. some negatives.
         online_probe: train a linear classifier on stop-gradient features
@@ -79,7 +84,7 @@ class SimCLR(keras.Model):
 
     def __init__(self, image_shape=(32, 32, 3), backbone="small_cnn", projection_units=(256, 128),
                  head_batch_norm=False, temperature=0.5, strength=0.5, blur=False, crop_scale=(0.08, 1.0),
-                 global_batch_size=None, online_probe=False, num_classes=None, probe_learning_rate=1e-3,
+                 flip=0.5, affine=None, global_batch_size=None, online_probe=False, num_classes=None, probe_learning_rate=1e-3,
                  **kwargs):
         super().__init__(**kwargs)
         self.temperature = check_temperature(temperature, "model.temperature")
@@ -95,7 +100,9 @@ class SimCLR(keras.Model):
         self.head_batch_norm = bool(head_batch_norm)
         self.strength = float(strength)
         self.blur = bool(blur)
-        self.crop_scale = tuple(float(s) for s in crop_scale)
+        self.crop_scale = check_crop_scale(crop_scale, "model.crop_scale")
+        self.flip = check_probability(flip, "model.flip")
+        self.affine = check_affine(affine, "model.affine")
         self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self.online_probe = bool(online_probe)
         self.num_classes = None if num_classes is None else int(num_classes)
@@ -130,7 +137,8 @@ class SimCLR(keras.Model):
         return [self.loss_tracker, self.accuracy_metric, *extra]
 
     def augment(self, images):
-        return simclr_augment(images, strength=self.strength, blur=self.blur, crop_scale=self.crop_scale)
+        return simclr_augment(images, strength=self.strength, blur=self.blur, crop_scale=self.crop_scale,
+                              flip=self.flip, affine=self.affine)
 
     def contrastive_loss(self, views_a, views_b, training=True):
         """NT-Xent of the local views against the global batch.
@@ -193,7 +201,8 @@ class SimCLR(keras.Model):
         config.update(image_shape=list(self.image_shape), backbone=self.backbone_spec,
                       projection_units=list(self.projection_units), head_batch_norm=self.head_batch_norm,
                       temperature=self.temperature, strength=self.strength, blur=self.blur,
-                      crop_scale=list(self.crop_scale), global_batch_size=self.global_batch_size,
+                      crop_scale=list(self.crop_scale), flip=self.flip, affine=self.affine,
+                      global_batch_size=self.global_batch_size,
                       online_probe=self.online_probe, num_classes=self.num_classes,
                       probe_learning_rate=self.probe_learning_rate)
         return config
