@@ -2,7 +2,8 @@
 
 `simclr_augment` turns a batch of images into one random view of each: a
 random resized crop (area fraction in `crop_scale`, aspect ratio 3/4-4/3)
-with a horizontal flip (p=0.5), colour jitter (brightness, contrast,
+with a horizontal flip (p=0.5), optionally a random affine warp (not
+SimCLR's: for digits, `random_affine`), colour jitter (brightness, contrast,
 saturation 0.8*s, hue 0.2*s) with p=0.8, grayscale with p=0.2 and,
 optionally, a Gaussian blur with p=0.5 (sigma in [0.1, 2], kernel ~1/10 of
 the image side). Each image draws its own parameters; the jitter is applied
@@ -228,7 +229,8 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
     affine = check_affine(affine)
     if affine is not None:
         # Seeds of their own, so the other steps draw what they drew without it.
-        x = random_affine(x, split_seed(tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 12), 5), **affine)
+        affine_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 12)
+        x = random_affine(x, split_seed(affine_seed, 5), **affine)
 
     if strength > 0:
         jitter = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4]) < jitter_probability

@@ -304,7 +304,8 @@ class MoCo(keras.Model):
                       head_batch_norm=self.head_batch_norm,
                       queue_size=self.queue_size, momentum=self.momentum, temperature=self.temperature,
                       strength=self.strength, blur=self.blur, crop_scale=list(self.crop_scale),
-                      flip=self.flip, affine=self.affine, bn_groups=self.bn_groups, global_batch_size=self.global_batch_size,
+                      flip=self.flip, affine=self.affine, bn_groups=self.bn_groups,
+                      global_batch_size=self.global_batch_size,
                       mochi_hardest=self.mochi_hardest, mochi_mix=self.mochi_mix,
                       mochi_query_mix=self.mochi_query_mix, mochi_start_step=self.mochi_start_step)
         return config

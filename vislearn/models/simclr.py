@@ -84,8 +84,8 @@ class SimCLR(keras.Model):
 
     def __init__(self, image_shape=(32, 32, 3), backbone="small_cnn", projection_units=(256, 128),
                  head_batch_norm=False, temperature=0.5, strength=0.5, blur=False, crop_scale=(0.08, 1.0),
-                 flip=0.5, affine=None, global_batch_size=None, online_probe=False, num_classes=None, probe_learning_rate=1e-3,
-                 **kwargs):
+                 flip=0.5, affine=None, global_batch_size=None, online_probe=False, num_classes=None,
+                 probe_learning_rate=1e-3, **kwargs):
         super().__init__(**kwargs)
         self.temperature = check_temperature(temperature, "model.temperature")
         if global_batch_size is not None and int(global_batch_size) < 2:
