@@ -12,8 +12,8 @@ import tensorflow as tf
 
 from vislearn import recipes
 from vislearn.config import ConfigError
-from vislearn.data.views import (LUMA, brightness_contrast_saturation, check_affine, map_views, random_affine,
-                                 simclr_augment, split_seed)
+from vislearn.data.views import (LUMA, brightness_contrast_saturation, check_affine, check_elastic, map_views,
+                                 random_affine, random_elastic, simclr_augment, split_seed)
 from vislearn.losses.contrastive import InfoNCE, moco_similarities, nt_xent_similarities
 from vislearn.models.moco import MoCo, enqueue, mochi_negatives, momentum_update
 from vislearn.models.simclr import SimCLR
@@ -161,6 +161,39 @@ def test_affine_views_leave_the_other_steps_draws_alone_and_bad_ranges_name_the_
         SimCLR(backbone=TINY, affine={"shear": -0.1})
     with pytest.raises(ConfigError, match=r"model.flip: expected a probability in \[0, 1\], received 2"):
         MoCo(backbone=TINY, flip=2)
+
+
+def test_elastic_views_move_each_pixel_by_at_most_the_shift_along_a_smooth_field():
+    # Channels 0 and 1 hold each pixel's own x and y: bilinear reads of a
+    # linear ramp are exact, so the output is where each pixel read from.
+    ys, xs = np.mgrid[:32, :32].astype(np.float32)
+    images = np.repeat(np.stack([xs, ys], axis=-1)[None], 16, axis=0)
+    np.testing.assert_array_equal(random_elastic(images, [1, 2], shift=0.0), images)     # no shift: the image
+    warped = random_elastic(images, [1, 2], shift=2.0, sigma=4.0).numpy()
+    np.testing.assert_array_equal(warped, random_elastic(images, [1, 2], shift=2.0, sigma=4.0))    # seeded
+    assert np.abs(warped - random_elastic(images, [3, 4], shift=2.0, sigma=4.0)).max() > 0.5
+
+    displacement = (warped - images)[:, 3:-3, 3:-3]          # away from the zero-filled border
+    assert np.abs(displacement).max() <= 2.0 + 1e-4          # each image's largest move is the shift
+    assert np.abs(displacement).reshape(16, -1).max(axis=1).min() > 1.0
+    # Smooth: neighbours move alike (i.i.d. moves of this size would differ by ~1.3 px on average).
+    assert np.abs(np.diff(displacement, axis=1)).mean() < 0.2
+    assert np.abs(np.diff(displacement, axis=2)).mean() < 0.2
+
+
+def test_elastic_views_leave_the_other_steps_draws_alone_and_bad_values_name_the_key():
+    images = tf.random.stateless_uniform([4, 16, 16, 3], [0, 1])
+    np.testing.assert_allclose(simclr_augment(images, seed=[3, 4], elastic={"shift": 0}),
+                               simclr_augment(images, seed=[3, 4]), atol=1e-6)
+    bent = simclr_augment(images, seed=[3, 4], elastic={"shift": 2, "sigma": 3})
+    assert float(tf.reduce_mean(tf.abs(bent - simclr_augment(images, seed=[3, 4])))) > 0.02
+    assert check_elastic({"shift": 2}) == {"shift": 2.0, "sigma": 4.0}
+    with pytest.raises(ConfigError, match=r"model.elastic.alpha: unknown key; expected one of \['shift', 'sigma'\]"):
+        SimCLR(backbone=TINY, elastic={"alpha": 34})
+    with pytest.raises(ConfigError, match="model.elastic.sigma: expected a number > 0, received 0"):
+        MoCo(backbone=TINY, elastic={"shift": 2, "sigma": 0})
+    with pytest.raises(ConfigError, match="model.elastic: expected a mapping with keys"):
+        SimCLR(backbone=TINY, elastic=2.0)
 
 
 # ---------------------------------------------------------------- MoCo state

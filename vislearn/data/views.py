@@ -2,8 +2,9 @@
 
 `simclr_augment` turns a batch of images into one random view of each: a
 random resized crop (area fraction in `crop_scale`, aspect ratio 3/4-4/3)
-with a horizontal flip (p=0.5), optionally a random affine warp (not
-SimCLR's: for digits, `random_affine`), colour jitter (brightness, contrast,
+with a horizontal flip (p=0.5), optionally a random affine warp and an
+elastic distortion (not SimCLR's: for digits, `random_affine`,
+`random_elastic`), colour jitter (brightness, contrast,
 saturation 0.8*s, hue 0.2*s) with p=0.8, grayscale with p=0.2 and,
 optionally, a Gaussian blur with p=0.5 (sigma in [0.1, 2], kernel ~1/10 of
 the image side). Each image draws its own parameters; the jitter is applied
@@ -129,22 +130,30 @@ def gaussian_blur(images, sigma, kernel_size):
 AFFINE_KEYS = ("rotation", "zoom", "shear", "translate")
 
 
+def _check_ranges(ranges, keys, where):
+    """A view step's mapping of numbers >= 0, keyed by `keys` (or None)."""
+    if ranges is None:
+        return None
+    if not isinstance(ranges, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {list(keys)} or null, received {ranges!r}")
+    for key, value in ranges.items():
+        if key not in keys:
+            raise ConfigError(f"{where}.{key}: unknown key; expected one of {list(keys)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{where}.{key}: expected a number >= 0, received {value!r}")
+    return {key: float(value) for key, value in ranges.items()}
+
+
 def check_affine(affine, where="affine"):
     """None, or a mapping of the random affine step's ranges (`AFFINE_KEYS`,
     each >= 0, zoom < 1) with the missing ones set to 0."""
+    affine = _check_ranges(affine, AFFINE_KEYS, where)
     if affine is None:
         return None
-    if not isinstance(affine, dict):
-        raise ConfigError(f"{where}: expected a mapping with keys {list(AFFINE_KEYS)} or null, received {affine!r}")
-    for key, value in affine.items():
-        if key not in AFFINE_KEYS:
-            raise ConfigError(f"{where}.{key}: unknown key; expected one of {list(AFFINE_KEYS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{where}.{key}: expected a number >= 0, received {value!r}")
-    if float(affine.get("zoom", 0)) >= 1:
+    if affine.get("zoom", 0) >= 1:
         raise ConfigError(f"{where}.zoom: expected a zoom range below 1 (scales 1 - zoom to 1 + zoom), "
                           f"received {affine['zoom']!r}")
-    return {key: float(affine.get(key, 0.0)) for key in AFFINE_KEYS}
+    return {key: affine.get(key, 0.0) for key in AFFINE_KEYS}
 
 
 def random_affine(images, seeds, rotation=0.0, zoom=0.0, shear=0.0, translate=0.0):
@@ -179,6 +188,59 @@ def random_affine(images, seeds, rotation=0.0, zoom=0.0, shear=0.0, translate=0.
         interpolation="BILINEAR", fill_mode="CONSTANT")
 
 
+ELASTIC_KEYS = ("shift", "sigma")
+
+
+def check_elastic(elastic, where="elastic"):
+    """None, or a mapping of the elastic step's `shift` (>= 0) and `sigma`
+    (> 0), both in pixels; a missing sigma is 4."""
+    elastic = _check_ranges(elastic, ELASTIC_KEYS, where)
+    if elastic is None:
+        return None
+    if elastic.get("sigma", 4.0) <= 0:
+        raise ConfigError(f"{where}.sigma: expected a number > 0, received {elastic['sigma']!r}")
+    return {"shift": elastic.get("shift", 0.0), "sigma": elastic.get("sigma", 4.0)}
+
+
+def random_elastic(images, seed, shift=0.0, sigma=4.0):
+    """A random elastic distortion of every image, zero-filled.
+
+    As in Simard et al. (2003): each pixel draws a displacement uniform in
+    [-1, 1] along both axes, the field is smoothed by a Gaussian of `sigma`
+    pixels and each image's field is scaled so that its largest displacement
+    is `shift` pixels (Simard scales by a fixed alpha instead); every output
+    pixel then reads the input bilinearly at its displaced position. The
+    strokes bend and wobble as one hand's do from one digit to the next,
+    which no affine map does.
+
+    Args:
+        images: float (batch, height, width, channels).
+        seed: a stateless seed.
+    """
+    batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    field = tf.random.stateless_uniform([batch, height, width, 2], seed, -1.0, 1.0)
+    radius = min(int(2 * sigma), (min(height, width) - 1) // 2)      # REFLECT padding needs radius < side
+    field = gaussian_blur(field, tf.fill([batch], sigma), 2 * radius + 1)
+    field *= shift / (tf.reduce_max(tf.abs(field), axis=[1, 2, 3], keepdims=True) + 1e-6)
+    rows, columns = tf.meshgrid(tf.range(height, dtype=tf.float32), tf.range(width, dtype=tf.float32),
+                                indexing="ij")
+    x, y = columns + field[..., 0], rows + field[..., 1]
+    x0, y0 = tf.floor(x), tf.floor(y)
+    wx, wy = (x - x0)[..., None], (y - y0)[..., None]
+    image_index = tf.broadcast_to(tf.range(batch)[:, None, None], tf.shape(x))
+
+    def read(ys, xs):
+        # Pixels outside the image read as zero (the affine step's fill).
+        inside = (ys >= 0) & (ys <= height - 1) & (xs >= 0) & (xs <= width - 1)
+        ys = tf.clip_by_value(tf.cast(ys, tf.int32), 0, height - 1)
+        xs = tf.clip_by_value(tf.cast(xs, tf.int32), 0, width - 1)
+        return tf.gather_nd(images, tf.stack([image_index, ys, xs], -1)) * tf.cast(inside, images.dtype)[..., None]
+
+    top = read(y0, x0) * (1 - wx) + read(y0, x0 + 1) * wx
+    bottom = read(y0 + 1, x0) * (1 - wx) + read(y0 + 1, x0 + 1) * wx
+    return top * (1 - wy) + bottom * wy
+
+
 def check_probability(value, where="probability"):
     """A probability in [0, 1], as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -199,7 +261,7 @@ def check_crop_scale(crop_scale, where="crop_scale"):
 
 def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08, 1.0),
                    ratio=(3 / 4, 4 / 3), flip=0.5, jitter_probability=0.8, grayscale_probability=0.2,
-                   blur_probability=0.5, blur_sigma=(0.1, 2.0), affine=None):
+                   blur_probability=0.5, blur_sigma=(0.1, 2.0), affine=None, elastic=None):
     """One random SimCLR view of every image of a batch.
 
     Args:
@@ -212,6 +274,8 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
         affine: None, or `random_affine`'s ranges (`{rotation, zoom, shear,
             translate}`), applied after the crop: not SimCLR's; the digits
             recipes use it in place of the flip.
+        elastic: None, or `random_elastic`'s `{shift, sigma}`, applied
+            after the affine step: not SimCLR's either; for digits.
 
     Returns:
         Views, float32 (batch, height, width, 3) in [0, 1].
@@ -231,6 +295,9 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
         # Seeds of their own, so the other steps draw what they drew without it.
         affine_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 12)
         x = random_affine(x, split_seed(affine_seed, 5), **affine)
+    elastic = check_elastic(elastic)
+    if elastic is not None:
+        x = random_elastic(x, tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 13), **elastic)
 
     if strength > 0:
         jitter = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4]) < jitter_probability
