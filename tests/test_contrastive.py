@@ -13,7 +13,7 @@ import tensorflow as tf
 from vislearn import recipes
 from vislearn.config import ConfigError
 from vislearn.data.views import (LUMA, brightness_contrast_saturation, check_affine, check_elastic, map_views,
-                                 random_affine, random_elastic, simclr_augment, split_seed)
+                                 random_affine, random_elastic, random_stroke_width, simclr_augment, split_seed)
 from vislearn.losses.contrastive import InfoNCE, moco_similarities, nt_xent_similarities
 from vislearn.models.moco import MoCo, enqueue, mochi_negatives, momentum_update
 from vislearn.models.simclr import SimCLR
@@ -161,6 +161,33 @@ def test_affine_views_leave_the_other_steps_draws_alone_and_bad_ranges_name_the_
         SimCLR(backbone=TINY, affine={"shear": -0.1})
     with pytest.raises(ConfigError, match=r"model.flip: expected a probability in \[0, 1\], received 2"):
         MoCo(backbone=TINY, flip=2)
+
+
+def test_stroke_width_views_thicken_thin_or_keep_a_stroke_a_third_of_the_time_each():
+    # A bright vertical stroke 3 px wide: 5 px after a 3x3 dilation, 1 px after an erosion.
+    images = np.zeros((300, 16, 16, 1), np.float32)
+    images[:, 2:14, 6:9] = 1.0
+    views = random_stroke_width(images, [7, 8], window=3).numpy()
+    np.testing.assert_array_equal(views, random_stroke_width(images, [7, 8], window=3))     # seeded
+    widths = (views[:, 8, :, 0] == 1.0).sum(axis=1)
+    assert set(widths) == {1, 3, 5}
+    for width in (1, 3, 5):
+        assert 0.25 < np.mean(widths == width) < 0.42
+    assert set(np.unique(views)) == {0.0, 1.0}           # max and min filters make no new values
+    np.testing.assert_array_equal(views[widths == 3], images[widths == 3])
+
+
+def test_stroke_width_views_leave_the_other_steps_draws_alone_and_bad_windows_name_the_key():
+    images = tf.random.stateless_uniform([4, 16, 16, 3], [0, 1])
+    np.testing.assert_allclose(simclr_augment(images, seed=[3, 4], stroke_jitter=None),
+                               simclr_augment(images, seed=[3, 4]), atol=1e-6)
+    changed = simclr_augment(images, seed=[3, 4], stroke_jitter=3)
+    assert float(tf.reduce_mean(tf.abs(changed - simclr_augment(images, seed=[3, 4])))) > 0.01
+    for window in (1, 2.5, True):
+        with pytest.raises(ConfigError, match=rf"model.stroke_jitter: expected the window .* received {window}"):
+            SimCLR(backbone=TINY, stroke_jitter=window)
+    with pytest.raises(ConfigError, match="model.stroke_jitter: expected the window"):
+        MoCo(backbone=TINY, stroke_jitter=0)
 
 
 def test_elastic_views_move_each_pixel_by_at_most_the_shift_along_a_smooth_field():

@@ -2,12 +2,12 @@
 
 `simclr_augment` turns a batch of images into one random view of each: a
 random resized crop (area fraction in `crop_scale`, aspect ratio 3/4-4/3)
-with a horizontal flip (p=0.5), optionally a random affine warp and an
-elastic distortion (not SimCLR's: for digits, `random_affine`,
-`random_elastic`), colour jitter (brightness, contrast,
-saturation 0.8*s, hue 0.2*s) with p=0.8, grayscale with p=0.2 and,
-optionally, a Gaussian blur with p=0.5 (sigma in [0.1, 2], kernel ~1/10 of
-the image side). Each image draws its own parameters; the jitter is applied
+with a horizontal flip (p=0.5), optionally a random affine warp, a
+stroke-width change and an elastic distortion (not SimCLR's: for digits,
+`random_affine`, `random_stroke_width`, `random_elastic`), colour jitter
+(brightness, contrast, saturation 0.8*s, hue 0.2*s) with p=0.8, grayscale
+with p=0.2 and, optionally, a Gaussian blur with p=0.5 (sigma in [0.1, 2],
+kernel ~1/10 of the image side). Each image draws its own parameters; the jitter is applied
 in a fixed order (brightness, contrast, saturation, hue) where the reference
 shuffles it, which keeps the op batched.
 
@@ -241,6 +241,35 @@ def random_elastic(images, seed, shift=0.0, sigma=4.0):
     return top * (1 - wy) + bottom * wy
 
 
+def check_stroke_jitter(window, where="stroke_jitter"):
+    """None, or the stroke-width step's window: an integer >= 2 (pixels)."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ConfigError(f"{where}: expected the window of the stroke-width step, an integer >= 2 "
+                          f"(or null for none), received {window!r}")
+    return window
+
+
+def random_stroke_width(images, seed, window=3):
+    """Thicken, thin or keep each image's strokes, a third of the images each.
+
+    A grey-scale dilation (each pixel takes the largest value in its
+    `window` x `window` neighbourhood) thickens bright strokes on a dark
+    ground by about `window - 1` pixels; an erosion (the smallest) thins
+    them as much. Pens and hands vary the width of a digit's strokes, which
+    the affine and elastic steps leave as it was.
+
+    Args:
+        images: float (batch, height, width, channels), strokes brighter than the ground.
+        seed: a stateless seed.
+    """
+    choice = tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 1], seed)
+    thick = tf.nn.max_pool2d(images, window, 1, "SAME")
+    thin = -tf.nn.max_pool2d(-images, window, 1, "SAME")
+    return tf.where(choice < 1 / 3, thick, tf.where(choice < 2 / 3, thin, images))
+
+
 def check_probability(value, where="probability"):
     """A probability in [0, 1], as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -261,7 +290,7 @@ def check_crop_scale(crop_scale, where="crop_scale"):
 
 def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08, 1.0),
                    ratio=(3 / 4, 4 / 3), flip=0.5, jitter_probability=0.8, grayscale_probability=0.2,
-                   blur_probability=0.5, blur_sigma=(0.1, 2.0), affine=None, elastic=None):
+                   blur_probability=0.5, blur_sigma=(0.1, 2.0), affine=None, stroke_jitter=None, elastic=None):
     """One random SimCLR view of every image of a batch.
 
     Args:
@@ -274,8 +303,10 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
         affine: None, or `random_affine`'s ranges (`{rotation, zoom, shear,
             translate}`), applied after the crop: not SimCLR's; the digits
             recipes use it in place of the flip.
-        elastic: None, or `random_elastic`'s `{shift, sigma}`, applied
+        stroke_jitter: None, or `random_stroke_width`'s window, applied
             after the affine step: not SimCLR's either; for digits.
+        elastic: None, or `random_elastic`'s `{shift, sigma}`, applied
+            after that: not SimCLR's either; for digits.
 
     Returns:
         Views, float32 (batch, height, width, 3) in [0, 1].
@@ -295,6 +326,10 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
         # Seeds of their own, so the other steps draw what they drew without it.
         affine_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 12)
         x = random_affine(x, split_seed(affine_seed, 5), **affine)
+    stroke_jitter = check_stroke_jitter(stroke_jitter)
+    if stroke_jitter is not None:
+        x = random_stroke_width(x, tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 14),
+                                stroke_jitter)
     elastic = check_elastic(elastic)
     if elastic is not None:
         x = random_elastic(x, tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 13), **elastic)

@@ -48,8 +48,8 @@ import tensorflow as tf
 
 from vislearn.backbones import build_backbone
 from vislearn.config import ConfigError
-from vislearn.data.views import (check_affine, check_crop_scale, check_elastic, check_probability, draw_seed,
-                                 simclr_augment, split_seed)
+from vislearn.data.views import (check_affine, check_crop_scale, check_elastic, check_probability,
+                                 check_stroke_jitter, draw_seed, simclr_augment, split_seed)
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 from vislearn.losses.contrastive import (EXCLUDED, InfoNCE, check_temperature, gather_across_replicas,
@@ -133,8 +133,10 @@ class MoCo(keras.Model):
         affine: None (MoCo), or the ranges of a random rotation, zoom, shear
             and shift after the crop (`vislearn.data.views.random_affine`),
             as the digits recipes use in place of the flip.
+        stroke_jitter: None (MoCo), or the window of the stroke-width step
+            after the affine step (`vislearn.data.views.random_stroke_width`).
         elastic: None (MoCo), or `{shift, sigma}` of a random elastic
-            distortion after the affine step (`vislearn.data.views.random_elastic`).
+            distortion after that (`vislearn.data.views.random_elastic`).
         bn_groups: BN groups per replica for the shuffled-BN equivalent (see above).
         global_batch_size: the global batch (recipes fill it in from the data),
             checked against `queue_size` at construction.
@@ -155,8 +157,8 @@ class MoCo(keras.Model):
 
     def __init__(self, image_shape=(32, 32, 3), backbone="small_cnn", version=2, embedding_dim=128,
                  hidden_units=512, head_batch_norm=False, queue_size=4096, momentum=0.999, temperature=None,
-                 strength=0.5, blur=None, crop_scale=(0.2, 1.0), flip=0.5, affine=None, elastic=None,
-                 bn_groups=2, global_batch_size=None, mochi_hardest=0, mochi_mix=0, mochi_query_mix=0,
+                 strength=0.5, blur=None, crop_scale=(0.2, 1.0), flip=0.5, affine=None, stroke_jitter=None,
+                 elastic=None, bn_groups=2, global_batch_size=None, mochi_hardest=0, mochi_mix=0, mochi_query_mix=0,
                  mochi_start_step=0, **kwargs):
         super().__init__(**kwargs)
         if version not in VERSIONS:
@@ -188,6 +190,7 @@ class MoCo(keras.Model):
         self.crop_scale = check_crop_scale(crop_scale, "model.crop_scale")
         self.flip = check_probability(flip, "model.flip")
         self.affine = check_affine(affine, "model.affine")
+        self.stroke_jitter = check_stroke_jitter(stroke_jitter, "model.stroke_jitter")
         self.elastic = check_elastic(elastic, "model.elastic")
         self.bn_groups = int(bn_groups)
         self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
@@ -254,7 +257,8 @@ class MoCo(keras.Model):
 
     def augment(self, images):
         return simclr_augment(images, strength=self.strength, blur=self.blur, crop_scale=self.crop_scale,
-                              flip=self.flip, affine=self.affine, elastic=self.elastic)
+                              flip=self.flip, affine=self.affine,
+                              stroke_jitter=self.stroke_jitter, elastic=self.elastic)
 
     def _contrast(self, queries, keys):
         """InfoNCE of the queries against [own key, queue (, MoChi negatives)]."""
@@ -307,7 +311,8 @@ class MoCo(keras.Model):
                       head_batch_norm=self.head_batch_norm,
                       queue_size=self.queue_size, momentum=self.momentum, temperature=self.temperature,
                       strength=self.strength, blur=self.blur, crop_scale=list(self.crop_scale),
-                      flip=self.flip, affine=self.affine, elastic=self.elastic, bn_groups=self.bn_groups,
+                      flip=self.flip, affine=self.affine, stroke_jitter=self.stroke_jitter,
+                      elastic=self.elastic, bn_groups=self.bn_groups,
                       global_batch_size=self.global_batch_size,
                       mochi_hardest=self.mochi_hardest, mochi_mix=self.mochi_mix,
                       mochi_query_mix=self.mochi_query_mix, mochi_start_step=self.mochi_start_step)

@@ -26,7 +26,8 @@ from keras import layers
 
 from vislearn.backbones import BN_MOMENTUM, build_backbone
 from vislearn.config import ConfigError
-from vislearn.data.views import check_affine, check_crop_scale, check_elastic, check_probability, simclr_augment
+from vislearn.data.views import (check_affine, check_crop_scale, check_elastic, check_probability,
+                                 check_stroke_jitter, simclr_augment)
 from vislearn.distribute import build_optimizer_state, step_logs
 from vislearn.losses import per_replica_mean
 from vislearn.losses.contrastive import InfoNCE, check_temperature, gather_across_replicas, nt_xent_similarities
@@ -65,8 +66,11 @@ class SimCLR(keras.Model):
             and shift after the crop (`vislearn.data.views.random_affine`):
             the digits recipe's views, in place of a flip that makes a 2 no
             digit and of crops small enough to turn an 8 into a 0.
+        stroke_jitter: None (paper), or the window of a grey-scale dilation
+            or erosion that thickens or thins the strokes of two views in
+            three after the affine step (`vislearn.data.views.random_stroke_width`).
         elastic: None (paper), or `{shift, sigma}` of a random elastic
-            distortion after the affine step (`vislearn.data.views.random_elastic`,
+            distortion after that (`vislearn.data.views.random_elastic`,
             in pixels): the digits recipe bends the strokes as handwriting does.
         global_batch_size: the global batch (recipes fill it in from the data);
             checked to hold at least 2 images, i.e. some negatives.
@@ -87,8 +91,8 @@ class SimCLR(keras.Model):
 
     def __init__(self, image_shape=(32, 32, 3), backbone="small_cnn", projection_units=(256, 128),
                  head_batch_norm=False, temperature=0.5, strength=0.5, blur=False, crop_scale=(0.08, 1.0),
-                 flip=0.5, affine=None, elastic=None, global_batch_size=None, online_probe=False,
-                 num_classes=None, probe_learning_rate=1e-3, **kwargs):
+                 flip=0.5, affine=None, stroke_jitter=None, elastic=None, global_batch_size=None,
+                 online_probe=False, num_classes=None, probe_learning_rate=1e-3, **kwargs):
         super().__init__(**kwargs)
         self.temperature = check_temperature(temperature, "model.temperature")
         if global_batch_size is not None and int(global_batch_size) < 2:
@@ -106,6 +110,7 @@ class SimCLR(keras.Model):
         self.crop_scale = check_crop_scale(crop_scale, "model.crop_scale")
         self.flip = check_probability(flip, "model.flip")
         self.affine = check_affine(affine, "model.affine")
+        self.stroke_jitter = check_stroke_jitter(stroke_jitter, "model.stroke_jitter")
         self.elastic = check_elastic(elastic, "model.elastic")
         self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self.online_probe = bool(online_probe)
@@ -142,7 +147,8 @@ class SimCLR(keras.Model):
 
     def augment(self, images):
         return simclr_augment(images, strength=self.strength, blur=self.blur, crop_scale=self.crop_scale,
-                              flip=self.flip, affine=self.affine, elastic=self.elastic)
+                              flip=self.flip, affine=self.affine,
+                              stroke_jitter=self.stroke_jitter, elastic=self.elastic)
 
     def contrastive_loss(self, views_a, views_b, training=True):
         """NT-Xent of the local views against the global batch.
@@ -206,7 +212,8 @@ class SimCLR(keras.Model):
                       projection_units=list(self.projection_units), head_batch_norm=self.head_batch_norm,
                       temperature=self.temperature, strength=self.strength, blur=self.blur,
                       crop_scale=list(self.crop_scale), flip=self.flip, affine=self.affine,
-                      elastic=self.elastic, global_batch_size=self.global_batch_size,
+                      stroke_jitter=self.stroke_jitter, elastic=self.elastic,
+                      global_batch_size=self.global_batch_size,
                       online_probe=self.online_probe, num_classes=self.num_classes,
                       probe_learning_rate=self.probe_learning_rate)
         return config
