@@ -7,9 +7,9 @@ stroke-width change and an elastic distortion (not SimCLR's: for digits,
 `random_affine`, `random_stroke_width`, `random_elastic`), colour jitter
 (brightness, contrast, saturation 0.8*s, hue 0.2*s) with p=0.8, grayscale
 with p=0.2 and, optionally, a Gaussian blur with p=0.5 (sigma in [0.1, 2],
-kernel ~1/10 of the image side). Each image draws its own parameters; the jitter is applied
-in a fixed order (brightness, contrast, saturation, hue) where the reference
-shuffles it, which keeps the op batched.
+kernel ~1/10 of the image side). Each image draws its own parameters; the
+jitter is applied in a fixed order (brightness, contrast, saturation, hue)
+where the reference shuffles it, which keeps the op batched.
 
 All randomness is stateless from one `seed` (shape [2]): the same seed gives
 the same views, in tf.data (`map_views`) or inside a train step; without a
@@ -321,18 +321,20 @@ def simclr_augment(images, seed=None, strength=0.5, blur=False, crop_scale=(0.08
 
     boxes = _crop_boxes(batch, crop_scale, ratio, flip, seeds[:4])
     x = tf.image.crop_and_resize(images, boxes, tf.range(batch), [height, width])
+    # The optional steps take seeds of their own, folded off the view's seed,
+    # so the other steps draw what they drew without them.
+    def own_seed(salt):
+        return tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
+
     affine = check_affine(affine)
     if affine is not None:
-        # Seeds of their own, so the other steps draw what they drew without it.
-        affine_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 12)
-        x = random_affine(x, split_seed(affine_seed, 5), **affine)
+        x = random_affine(x, split_seed(own_seed(12), 5), **affine)
     stroke_jitter = check_stroke_jitter(stroke_jitter)
     if stroke_jitter is not None:
-        x = random_stroke_width(x, tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 14),
-                                stroke_jitter)
+        x = random_stroke_width(x, own_seed(14), stroke_jitter)
     elastic = check_elastic(elastic)
     if elastic is not None:
-        x = random_elastic(x, tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 13), **elastic)
+        x = random_elastic(x, own_seed(13), **elastic)
 
     if strength > 0:
         jitter = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4]) < jitter_probability
