@@ -37,6 +37,10 @@ def test_evaluate_json_prints_the_metrics_keys(trained_run):
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(metrics) == {"accuracy", "source_accuracy", "domain_accuracy"}
     assert metrics == pytest.approx(json.loads((trained_run / "metrics.json").read_text()), abs=1e-6)
+    # The representation protocol's metrics belong to encoders' runs, not to a DANN run.
+    result = run_cli("evaluate", trained_run, "--protocol", "knn")
+    assert result.returncode == 2 and "--protocol knn expected a run scored by the representation protocol " \
+        "(knn_top1); this run's metrics are ['accuracy', 'domain_accuracy', 'source_accuracy']" in result.stderr
 
 
 def test_finished_run_and_other_recipe_are_refused_without_loss(trained_run, digits_m_root):

@@ -38,6 +38,11 @@ def test_fit_logs_knn_per_epoch_and_writes_protocol_metrics(rotnet_run):
     assert (rotnet_run / "plots" / "history.png").exists()
     evaluated = run_cli("evaluate", rotnet_run, "--json")
     assert evaluated.returncode == 0 and set(json.loads(evaluated.stdout.strip().splitlines()[-1])) == set(metrics)
+    for protocol in ("linear", "knn"):
+        evaluated = run_cli("evaluate", rotnet_run, "--protocol", protocol, "--json")
+        assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+        key = f"{protocol}_top1"
+        assert json.loads(evaluated.stdout.strip().splitlines()[-1]) == {key: pytest.approx(metrics[key], abs=1e-6)}
 
 
 def test_export_is_an_image_embedder_loaded_without_vislearn(rotnet_run, digits_folders_root, tmp_path):

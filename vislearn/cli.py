@@ -82,12 +82,21 @@ def fit_command(recipe, run_dir, overrides, strategy):
 @main.command("evaluate")
 @click.argument("run_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--protocol", type=click.Choice(["linear", "knn"]), help="Only the linear probe's or the weighted "
+              "kNN's top-1 on frozen features (runs scored by the representation protocol).")
 @user_errors
-def evaluate_command(run_dir, as_json):
+def evaluate_command(run_dir, as_json, protocol):
     """Metrics of a trained run (same keys as metrics.json)."""
     from vislearn import recipes
+    from vislearn.config import ConfigError
 
     metrics = recipes.evaluate(run_dir)
+    if protocol is not None:
+        key = f"{protocol}_top1"
+        if key not in metrics:
+            raise ConfigError(f"{run_dir}: --protocol {protocol} expected a run scored by the representation "
+                              f"protocol ({key}); this run's metrics are {sorted(metrics)}")
+        metrics = {key: metrics[key]}
     if as_json:
         click.echo(json.dumps(metrics))
     else:
