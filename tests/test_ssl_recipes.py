@@ -99,3 +99,31 @@ def test_images_smaller_than_the_context_grid_are_a_one_line_error(digits_folder
     assert result.returncode == 2
     assert "images of 24x24 are smaller than the 3x3 grid" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_context_prediction_is_probed_and_exported_as_its_patch_grid(digits_folders_root, tmp_path):
+    from vislearn.data.folders import decode_image
+    from vislearn.evaluation.representation import representation_metrics
+    from vislearn.models.context_prediction import patch_grid_encoder
+
+    run_dir = tmp_path / "ctx"
+    result = run_cli("fit", "context_prediction_digits", "--run-dir", run_dir,
+                     "--set", f"data.root={digits_folders_root}", *QUICK)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli("export", run_dir, "--out", tmp_path / "serving", "--name", "ctx")
+    assert result.returncode == 0, result.stderr[-3000:]
+    encoded = [f.read_bytes() for f in sorted((digits_folders_root / "test" / "3").glob("*.png"))[:3]]
+    result = call_in_fresh_process({"embed_image": (str(tmp_path / "serving" / "ctx" / "1"), "embed_image",
+                                                    f"dict(images=tf.constant({encoded!r}))")})
+    exported = np.array(result["embed_image"]["embeddings"])
+    # The exported vectors and the protocol's numbers are the nine patches' features, not the whole image's.
+    recipe, model, data = recipes.load_trained(run_dir)
+    assert recipe["model"]["probe_embedding"] == "patch_grid"
+    encoder, _ = pretrained_encoder(run_dir)
+    grid = patch_grid_encoder(encoder, recipe["model"]["patch_size"], recipe["model"]["gap"], recipe["model"]["patch_scale"])
+    images = tf.stack([decode_image(e, [32, 32]) for e in encoded])
+    assert exported.shape == (3, 9 * encoder.output_shape[-1])
+    np.testing.assert_allclose(exported, tf.math.l2_normalize(grid(images), axis=-1).numpy(), atol=1e-5)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected = representation_metrics(grid, data.probe_train, data.probe_test)
+    assert metrics == {key: pytest.approx(value, abs=1e-6) for key, value in expected.items()}

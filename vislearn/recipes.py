@@ -129,12 +129,12 @@ def _exemplar_data_args(model):
 
 
 def _representation_metrics(model, data):
-    from vislearn.evaluation.representation import encoder_of, representation_metrics
+    from vislearn.evaluation.representation import probe_encoder_of, representation_metrics
 
     if data.probe_train is None:
         log.warning("no labelled probe split (data.probe_train/probe_test): linear_top1 and knn_top1 not computed")
         return {"linear_top1": None, "knn_top1": None}
-    return representation_metrics(encoder_of(model), data.probe_train, data.probe_test)
+    return representation_metrics(probe_encoder_of(model), data.probe_train, data.probe_test)
 
 
 def _knn_monitor(model, data):
@@ -144,10 +144,10 @@ def _knn_monitor(model, data):
 
 
 def _embedder_export(model, path, data, options):
-    from vislearn.evaluation.representation import encoder_of
+    from vislearn.evaluation.representation import probe_encoder_of
     from vislearn.export import export_image_embedder
 
-    return export_image_embedder(encoder_of(model), path, data.image_shape)
+    return export_image_embedder(probe_encoder_of(model), path, data.image_shape)
 
 
 def _contrastive_model_args(model_args, data, total_steps):

@@ -11,7 +11,7 @@ from helpers import run_cli, two_step_fit
 from vislearn.config import ConfigError
 from vislearn.data import digits_ssl
 from vislearn.models import Autoencoder, ContextPrediction, ExemplarCNN, RotNet, Supervised
-from vislearn.models.context_prediction import NEIGHBOURS
+from vislearn.models.context_prediction import NEIGHBOURS, patch_grid_encoder
 from vislearn.models.rotnet import rotate_batch
 
 TINY = {"name": "small_cnn", "width": 8, "depth": 2}
@@ -135,6 +135,33 @@ def test_native_patches_keep_their_pixels_centred_on_a_black_canvas(images):
     assert set(history) == {"loss", "position_accuracy"}
     with pytest.raises(ConfigError, match="model.patch_scale: expected one of"):
         ContextPrediction(patch_scale="zoom")
+
+
+def test_patch_grid_embedding_reads_the_nine_cells_in_grid_order():
+    # Each cell of the centred grid is filled with its own value; an encoder that
+    # sums its input then returns the nine cell sums in row-major order.
+    size, p, g = 32, 9, 1
+    top = (size - (3 * p + 2 * g)) // 2
+    images = np.zeros((2, size, size, 3), "float32")
+    for cell in range(9):
+        row, col = divmod(cell, 3)
+        y, x = top + row * (p + g), top + col * (p + g)
+        images[:, y:y + p, x:x + p] = np.array([cell + 1, 9 - cell])[:, None, None, None] / 10
+    inputs = keras.Input((size, size, 3))
+    summing = keras.Model(inputs, keras.layers.Lambda(lambda t: tf.reduce_sum(t, [1, 2]))(inputs))
+    for scale in ("native", "resize"):
+        grid = patch_grid_encoder(summing, p, g, scale)
+        out = np.asarray(grid(images))
+        assert out.shape == (2, 27) and grid.output_shape == (None, 27)
+        sums = out.reshape(2, 9, 3)[..., 0] / (p * p * (1 if scale == "native" else (size / p) ** 2))
+        np.testing.assert_allclose(sums[0], np.arange(1, 10) / 10, rtol=2e-2)
+        np.testing.assert_allclose(sums[1], np.arange(9, 0, -1) / 10, rtol=2e-2)
+    model = ContextPrediction(backbone=TINY, probe_embedding="patch_grid", patch_scale="native")
+    assert model.probe_encoder()(images).shape == (2, 9 * model.encoder.output_shape[-1])
+    whole_image = ContextPrediction(backbone=TINY)
+    assert whole_image.probe_encoder() is whole_image.encoder
+    with pytest.raises(ConfigError, match="model.probe_embedding: expected one of"):
+        ContextPrediction(probe_embedding="patches")
 
 
 def test_context_prediction_trains_and_handles_colour(images):

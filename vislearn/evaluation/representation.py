@@ -112,6 +112,15 @@ def encoder_of(model):
     return model
 
 
+def probe_encoder_of(model):
+    """What the protocol scores and `embed_image` exports: the model's own
+    `probe_encoder()` when it has one (context prediction can read an image
+    as its grid of patches), else `encoder_of(model)`. Transfer
+    (`backbone.from_run`) takes `encoder_of`, the bare encoder."""
+    probe_encoder = getattr(model, "probe_encoder", None)
+    return probe_encoder() if callable(probe_encoder) else encoder_of(model)
+
+
 def representation_metrics(encoder, probe_train, probe_test, k=KNN_K, temperature=KNN_TEMPERATURE):
     """`{"linear_top1", "knn_top1"}` of a frozen encoder on a labelled probe split."""
     train_features, train_labels = extract_features(encoder, probe_train)
@@ -177,7 +186,7 @@ class KNNMonitor(keras.callbacks.Callback):
         last = self.params and epoch + 1 == self.params.get("epochs")
         if logs is None or ((epoch + 1) % self.every and not last):
             return
-        encoder = encoder_of(self.model)
+        encoder = probe_encoder_of(self.model)
         train_features, train_labels = extract_features(encoder, self.probe_train)
         test_features, test_labels = extract_features(encoder, self.probe_test)
         logs[self.name] = knn_top1(train_features, train_labels, test_features, test_labels,
