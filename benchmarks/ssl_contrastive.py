@@ -44,7 +44,7 @@ def protocol(args):
         return summary(results[row][budget]["linear_top1"])[0]
 
     print_table(results, rows, TARGET_GAIN, f"digits, {len(args.seeds)} seeds, epochs {args.epochs or 'recipe'}",
-                budget, args)
+                budget)
     if args.methods:
         best = max(args.methods, key=linear)
         gap = linear("supervised") - linear(best)
@@ -54,7 +54,7 @@ def protocol(args):
         for key in ("linear_top1", "knn_top1"):
             mochi, moco = (summary(results[row][budget][key])[0] for row in ("mochi", "moco_v2"))
             print(f"MoChi vs MoCo v2 ({key}, equal epochs): {mochi:.4f} vs {moco:.4f} ({(mochi - moco) * 100:+.1f})")
-    print_sweep(results, rows, args.budgets, args)
+    print_sweep(results, rows, args.budgets)
     print(f"\nprotocol total {elapsed / 60:.1f} min")
 
 
